@@ -1,0 +1,631 @@
+"""The sweep-file schema: one typed, validated config for a whole crl_ray sweep.
+
+Every section of a sweep file is a pydantic model with ``extra="forbid"``, so a typo at any level is an error.
+Defaults come from the paper (Simko et al., EMNLP 2025, appendix) unless a comment names another source;
+``shared/docs/METHOD.md`` gives both the paper's and the released script's value where they differ.
+
+Loading (``load_config``) reads YAML, applies ``key.path=value`` overrides, validates the schema, then runs the
+semantic checks that need outside facts (model depth from the model config, data sources, the search space).
+All problems are collected and raised together as one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from crl_ray.errors import ConfigError, Problem
+
+Distance = Literal["l2", "cosine", "l2_normalized_sq", "mix"]
+MaskMode = Literal[
+    "response_all", "request_last", "request_all", "request_response", "response_first_k", "response_first"
+]
+LossKind = Literal["crl", "circuit_breakers", "repbend"]
+AttackName = Literal["direct", "prefill", "embedding", "gcg"]
+JudgeName = Literal["keyword", "classifier"]
+SearchAlgorithm = Literal["tpe", "nsga2", "random", "none"]
+
+EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- layers
+class LayerSpec(Section):
+    """A set of HF ``hidden_states`` indices (0 = embeddings, i = output of block i-1, N = after the final norm).
+
+    Written in a sweep file as one of:
+      - a list of ints: ``[20, 21, 22]``
+      - an inclusive range: ``{range: [20, 30]}``
+      - an inclusive range as fractions of depth N: ``{fraction: [0.625, 0.9375]}`` (20..30 on a 32-block model)
+    """
+
+    layers: list[int] | None = None
+    range: tuple[int, int] | None = None
+    fraction: tuple[float, float] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return {"layers": list(value)}
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "LayerSpec":
+        given = [k for k in ("layers", "range", "fraction") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of a list of ints, {range: [start, end]} or {fraction: [start, end]}"
+            )
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("the layer list is empty; list at least one hidden_states index")
+            if any(i < 0 for i in self.layers):
+                raise ValueError("layer indices must be >= 0 (hidden_states indices)")
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError("the layer list has duplicates")
+        if self.range is not None:
+            lo, hi = self.range
+            if lo < 0 or hi < lo:
+                raise ValueError(f"range [{lo}, {hi}] must satisfy 0 <= start <= end")
+        if self.fraction is not None:
+            lo, hi = self.fraction
+            if not (0.0 <= lo <= hi <= 1.0):
+                raise ValueError(f"fraction [{lo}, {hi}] must satisfy 0 <= start <= end <= 1")
+        return self
+
+    def resolve(self, num_blocks: int) -> list[int]:
+        """The sorted hidden_states indices for a model with ``num_blocks`` decoder blocks."""
+        if self.layers is not None:
+            return sorted(self.layers)
+        if self.range is not None:
+            return list(range(self.range[0], self.range[1] + 1))
+        assert self.fraction is not None
+        lo, hi = (int(round(f * num_blocks)) for f in self.fraction)
+        return list(range(lo, hi + 1))
+
+    def to_yaml(self) -> Any:
+        if self.layers is not None:
+            return list(self.layers)
+        if self.range is not None:
+            return {"range": list(self.range)}
+        return {"fraction": list(self.fraction or ())}
+
+
+# --------------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    name: str = Field(
+        EMBEDDED_DEFAULT_MODEL,
+        description="HF model id, local folder, or 'embedded:<asset>' (offline default: SmolLM2-135M-Instruct).",
+    )
+    revision: str | None = Field(None, description="HF revision (branch, tag or commit) for hub ids.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype of the frozen base. bfloat16 halves memory (GPU clusters)."
+    )
+    trust_remote_code: bool = False
+
+
+class LoraConfig(Section):
+    """LoRA adapter (paper: r 16, alpha 16, dropout 0.05 on all projections of blocks 0..max(S))."""
+
+    r: int = Field(16, gt=0, description="Rank; higher = more capacity and memory.")
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+    )
+    blocks: Literal["auto", "all"] | list[int] = Field(
+        "auto",
+        description="Decoder blocks that get adapters. auto = 0..max(target layers) as in the paper.",
+    )
+
+
+# --------------------------------------------------------------------------------------------- loss
+class CircuitBreakersConfig(Section):
+    """Circuit breakers / RR (Zou et al. 2024): c_r = alpha*t/(2T), c_cb = alpha*(1 - t/(2T))."""
+
+    alpha: float = Field(10.0, gt=0, description="Schedule scale (10 for Llama-3-8B, 5 for Mistral-7B).")
+    layers: LayerSpec = Field(default_factory=lambda: LayerSpec(layers=[10, 20]))
+    mask: MaskMode = "request_response"
+
+
+class RepBendConfig(Section):
+    """RepBend: alpha*||h_s - h_s0|| - beta*||h_u - h_u0|| + gamma*(1-cos) + epsilon*KL."""
+
+    alpha: float = Field(1.0, ge=0)
+    beta: float = Field(1.0, ge=0)
+    gamma: float = Field(1.0, ge=0)
+    epsilon: float = Field(1.0, ge=0)
+    unsafe_layers: LayerSpec = Field(default_factory=lambda: LayerSpec(fraction=(0.625, 0.9375)))
+
+
+class LossConfig(Section):
+    """CRL loss L = alpha*L_b + beta*L_h + gamma*L_KL (METHOD.md); other kinds are the baselines."""
+
+    kind: LossKind = "crl"
+    alpha: float = Field(0.5, ge=0, description="Weight of the benign triplet term (paper 0.5).")
+    beta: float = Field(0.4, ge=0, description="Weight of the harmful triplet term (paper 0.4; script 0.6).")
+    gamma: float = Field(0.9, ge=0, description="Weight of the KL retain term (paper 0.9; script 0.7).")
+    margin_benign: float = Field(500.0, ge=0, description="m_b; higher pushes benign tokens harder (paper 500).")
+    margin_harmful: float = Field(1500.0, ge=0, description="m_h; higher pushes harmful tokens harder (paper 1500).")
+    dist_benign_pos: Distance = "mix"
+    dist_benign_neg: Distance = "mix"
+    dist_harmful_pos: Distance = "mix"
+    dist_harmful_neg: Distance = "mix"
+    target_layers: LayerSpec = Field(
+        default_factory=lambda: LayerSpec(fraction=(0.625, 0.9375)),
+        description="Harmful layer set S (paper: hidden_states 20..30 of 32 = fraction 0.625..0.9375).",
+    )
+    benign_layers: Literal["all", "target"] | LayerSpec = Field(
+        "all", description="Benign layer set L_b: all hidden_states indices, the target set, or explicit."
+    )
+    benign_mask: MaskMode = "response_all"
+    harmful_mask: MaskMode = "response_all"
+    first_k: int = Field(20, gt=0, description="k for the response_first_k mask mode.")
+    kl_temperature: float = Field(2.0, gt=0)
+    circuit_breakers: CircuitBreakersConfig = Field(default_factory=CircuitBreakersConfig)
+    repbend: RepBendConfig = Field(default_factory=RepBendConfig)
+
+
+# --------------------------------------------------------------------------------------------- mining
+class MiningConfig(Section):
+    """Adversarial hard-negative mining (the "Adv" variant, METHOD.md)."""
+
+    enabled: bool = False
+    kind: Literal["latent", "embedding"] = Field(
+        "latent", description="latent: residual attack module after a block; embedding: soft prompt."
+    )
+    period: int = Field(40, gt=0, description="Micro-steps between fresh attack modules.")
+    block_low: int = Field(0, ge=0, description="Lowest decoder block after which the module may sit.")
+    block_high: int = Field(9, ge=0, description="Highest decoder block after which the module may sit.")
+    init_iterations: int = Field(1100, ge=0, description="Mining steps for a fresh module (early-stopped).")
+    refresh_iterations: int = Field(1, ge=0, description="Mining steps on other micro-steps.")
+    early_stop_loss: float = Field(1.85, gt=0)
+    patience: int = Field(100, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    use_prob: float = Field(0.25, ge=0, le=1)
+    gate: float = Field(3.0, gt=0, description="Use the module only if the mean of its last losses < gate.")
+    gate_window: int = Field(10, gt=0)
+    mlp_hidden: int | None = Field(None, gt=0, description="None = linear module; else a small MLP.")
+    soft_prompt_tokens: int = Field(20, gt=0, description="Soft-prompt length for kind=embedding.")
+
+    @model_validator(mode="after")
+    def _range(self) -> "MiningConfig":
+        if self.block_low > self.block_high:
+            raise ValueError(f"block_low ({self.block_low}) must be <= block_high ({self.block_high})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- data
+class DataSource(Section):
+    """One source of (prompt, answer) pairs: an embedded dataset name, a local file, or an HF dataset id."""
+
+    source: str = Field(description="Embedded name (see `python -m crl_ray.data sources`), file, or HF id.")
+    subset: str | None = Field(None, description="HF dataset config name.")
+    split: str | None = Field(None, description="Split; defaults to the source's own default.")
+    prompt_column: str | None = None
+    response_column: str | None = None
+    where: dict[str, Union[str, int, float, bool]] = Field(
+        default_factory=dict, description="Keep rows whose columns equal these values."
+    )
+    limit: int | None = Field(None, gt=0)
+    answer: Literal["column", "generate", "refusal"] = Field(
+        "column",
+        description="column: the dataset's answer; generate: the generator model answers the prompt; "
+        "refusal: the generator answers under a refusal instruction.",
+    )
+
+
+class GenerationConfig(Section):
+    """How missing answers are generated (once, cached by model + prompts + these settings)."""
+
+    model: str | None = Field(None, description="Generator; None = the base model being defended.")
+    max_new_tokens: int = Field(128, gt=0)
+    batch_size: int = Field(8, gt=0)
+    temperature: float = Field(0.0, ge=0, description="0 = greedy.")
+    seed: int = 0
+
+
+class DataConfig(Section):
+    benign: list[DataSource] = Field(min_length=1)
+    harmful: list[DataSource] = Field(min_length=1)
+    retain: list[DataSource] = Field(min_length=1)
+    max_request_tokens: int = Field(512, gt=0, description="Request length (left padded).")
+    max_response_tokens: int = Field(512, gt=0, description="Response length (right padded).")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------- train
+class TrainConfig(Section):
+    steps: int = Field(1100, gt=0, description="Optimizer steps (paper 1100; script 900).")
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate (paper 1e-5; script 1e-4).")
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    micro_batch_size: int = Field(4, gt=0, description="Examples per worker per micro-step, per batch kind.")
+    grad_accum: int = Field(4, gt=0, description="Micro-steps per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+
+
+class ResourcesConfig(Section):
+    num_workers: int = Field(2, ge=0, description="Ray Train workers per trial (0 = in-process, tests only).")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    max_concurrent_trials: int | Literal["auto"] = Field(
+        "auto", description="auto = as many as the cluster's CPUs/GPUs fit."
+    )
+    ray_address: str | None = Field(None, description="None = RAY_ADDRESS or a new local Ray instance.")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts per trial (finite).")
+
+    @model_validator(mode="after")
+    def _ints(self) -> "ResourcesConfig":
+        if isinstance(self.max_concurrent_trials, int) and self.max_concurrent_trials < 1:
+            raise ValueError("max_concurrent_trials must be >= 1 or 'auto'")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- eval
+class EmbeddingAttackConfig(Section):
+    steps: int = Field(100, gt=0, description="Adam steps per configuration (paper <= 1000).")
+    lr: float = Field(1e-3, gt=0)
+    early_stop_loss: float = Field(0.05, gt=0)
+    soft_prompt_tokens: int = Field(20, gt=0)
+
+
+class GCGConfig(Section):
+    steps: int = Field(50, gt=0)
+    suffix_tokens: int = Field(20, gt=0)
+    top_k: int = Field(256, gt=0)
+    search_width: int = Field(128, gt=0)
+
+
+class MMLUConfig(Section):
+    subset_size: int = Field(200, gt=0, description="Stratified questions; more = tighter estimate, slower.")
+    shots: int = Field(0, ge=0, le=5)
+
+
+class EvalConfig(Section):
+    behaviors: DataSource = Field(
+        default_factory=lambda: DataSource(source="harmbench_val", where={"FunctionalCategory": "standard"})
+    )
+    limit: int | None = Field(None, gt=0, description="Evaluate only the first N behaviours.")
+    attacks: list[AttackName] = Field(default_factory=lambda: ["direct", "prefill", "embedding"], min_length=1)
+    judge: JudgeName = "keyword"
+    judge_model: str | None = Field(None, description="HF id of the classifier judge (judge: classifier).")
+    max_new_tokens: int = Field(64, gt=0)
+    embedding: EmbeddingAttackConfig = Field(default_factory=EmbeddingAttackConfig)
+    gcg: GCGConfig = Field(default_factory=GCGConfig)
+    mmlu: MMLUConfig = Field(default_factory=MMLUConfig)
+    over_refusal: DataSource = Field(default_factory=lambda: DataSource(source="benign_borderline"))
+    over_refusal_limit: int | None = Field(50, gt=0)
+
+
+class ObjectiveConfig(Section):
+    """Scalar: capability - asr_weight*ASR - over_refusal_weight*over-refusal - degeneracy_weight*degeneracy."""
+
+    kind: Literal["scalar", "pareto"] = "scalar"
+    asr_weight: float = Field(1.0, ge=0)
+    over_refusal_weight: float = Field(0.5, ge=0)
+    degeneracy_weight: float = Field(0.5, ge=0)
+    asr_attack: Literal["max", "direct", "prefill", "embedding", "gcg"] = Field(
+        "max", description="Which attack's ASR enters the objective; max = the worst case."
+    )
+
+
+# --------------------------------------------------------------------------------------------- search
+class FloatParam(Section):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+
+
+class IntParam(Section):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = Field(1, gt=0)
+
+
+class CategoricalParam(Section):
+    type: Literal["categorical"]
+    choices: list[Any] = Field(min_length=1)
+
+
+class LayerWindowParam(Section):
+    """A contiguous window of hidden_states indices: start in [start[0], start[1]], size in [size[0], size[1]]."""
+
+    type: Literal["layer_window"]
+    start: tuple[int, int]
+    size: tuple[int, int]
+
+
+SearchParam = Annotated[
+    Union[FloatParam, IntParam, CategoricalParam, LayerWindowParam], Field(discriminator="type")
+]
+
+
+class SearchConfig(Section):
+    algorithm: SearchAlgorithm = Field(
+        "tpe", description="tpe: scalar objective; nsga2: Pareto over (ASR, capability); none: one run."
+    )
+    num_trials: int = Field(8, gt=0)
+    seed: int = 0
+    space: dict[str, SearchParam] = Field(
+        default_factory=dict, description="Dotted config path -> distribution, e.g. loss.margin_benign."
+    )
+
+
+class SchedulerConfig(Section):
+    kind: Literal["none", "asha"] = "none"
+    grace_period: int = Field(1, gt=0, description="Evaluations before a trial may be stopped.")
+    reduction_factor: float = Field(2.0, gt=1)
+    eval_every: int | None = Field(None, gt=0, description="Optimizer steps between intermediate evaluations.")
+
+
+class MlflowConfig(Section):
+    tracking_uri: str | None = Field(None, description="None = sqlite:///<storage.path>/mlflow.db")
+    experiment: str | None = Field(None, description="None = the sweep name.")
+
+
+class StorageConfig(Section):
+    path: str = Field("crl_runs", description="Root for Ray results, the Optuna study, caches and MLflow db.")
+
+
+# --------------------------------------------------------------------------------------------- sweep
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class SweepConfig(Section):
+    """A whole sweep file."""
+
+    name: str = Field(description="Sweep name: letters, digits, '_', '-', '.'; names storage and MLflow runs.")
+    description: str = ""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    mining: MiningConfig = Field(default_factory=MiningConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError("use only letters, digits, '_', '-' and '.' (it names folders and MLflow runs)")
+        return value
+
+
+# ============================================================================================ loading
+# Reading YAML, applying overrides and turning pydantic errors into user-facing problems.
+
+_TAG_RE = re.compile(r"^(literal\[.*|list\[.*|dict\[.*|tuple\[.*|int|float|str|bool|function-.*|[A-Z]\w*)$")
+
+
+def read_yaml(path: str | Path) -> tuple[dict | None, list[Problem]]:
+    """The mapping in a sweep file, or the problems that stop it being read."""
+    p = Path(path)
+    where = str(path)
+    if not p.exists():
+        return None, [Problem(where, "file not found", has_value=False, fix="check the path of the sweep file")]
+    if not p.is_file():
+        return None, [Problem(where, "not a file", has_value=False, fix="give the path of a .yaml sweep file")]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [Problem(where, f"cannot read the file: {exc}", has_value=False, fix="check its permissions")]
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        loc = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        return None, [
+            Problem(where, f"invalid YAML{loc}: {reason}", has_value=False, fix="fix the YAML syntax there")
+        ]
+    if data is None:
+        return None, [Problem(where, "the file is empty", has_value=False, fix="start from sweeps/smoke.yaml")]
+    if not isinstance(data, dict):
+        return None, [
+            Problem(where, "the top level must be a mapping of sections", value=type(data).__name__,
+                    fix="start from sweeps/smoke.yaml")
+        ]
+    return data, []
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> list[Problem]:
+    """Apply ``key.path=value`` overrides in place (values parsed as YAML); returns problems."""
+    problems: list[Problem] = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(Problem(f"override {item!r}", "expected key.path=value", has_value=False,
+                                    fix="write e.g. loss.margin_benign=300 or train.steps=10"))
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                problems.append(Problem(".".join(parts[: i + 1]), "is not a section, cannot set keys inside it",
+                                        value=nxt, fix=f"override {'.'.join(parts[: i + 1])}=... as a whole"))
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = value
+    return problems
+
+
+def format_loc(loc: tuple) -> str:
+    """('data', 'benign', 0, 'source') -> 'data.benign[0].source'; dotted dict keys are bracketed."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "." in str(part):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _clean_loc(loc: tuple, is_extra: bool) -> tuple:
+    # pydantic puts union-member tags (e.g. "literal['all','target']", "LayerSpec", "float") into locations
+    keep = []
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(part, str) and _TAG_RE.match(part) and not (last and is_extra):
+            continue
+        keep.append(part)
+    return tuple(keep)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The section model that holds the key at ``loc`` (for suggestions), following nested sections."""
+    model: Any = SweepConfig
+    for part in loc[:-1]:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _section_type(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _section_type(annotation: Any) -> Any:
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+        for inner in get_args(candidate):
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return annotation
+
+
+_FIXES = {
+    "missing": "add this key",
+    "int_parsing": "write a whole number",
+    "int_type": "write a whole number",
+    "int_from_float": "write a whole number",
+    "float_parsing": "write a number",
+    "float_type": "write a number",
+    "bool_parsing": "write true or false",
+    "bool_type": "write true or false",
+    "string_type": "write a string",
+    "list_type": "write a YAML list, e.g. [a, b]",
+    "dict_type": "write a mapping of key: value",
+    "model_type": "write a mapping of key: value",
+    "model_attributes_type": "write a mapping of key: value",
+    "tuple_type": "write a list of two values, e.g. [1, 5]",
+    "too_short": "add entries",
+    "too_long": "remove entries",
+    "union_tag_invalid": "set type to one of float, int, categorical, layer_window",
+    "union_tag_not_found": "add type: float | int | categorical | layer_window",
+}
+
+
+def schema_problems(exc: ValidationError) -> list[Problem]:
+    """Turn pydantic's errors into problems, merging the branches of one union into one message."""
+    merged: dict[str, Problem] = {}
+    for err in exc.errors():
+        kind = err["type"]
+        loc = _clean_loc(tuple(err["loc"]), kind == "extra_forbidden")
+        path = format_loc(loc)
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        fix = _FIXES.get(kind, "")
+        has_value = kind != "missing"
+        value = err.get("input")
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+            model = _model_at(loc)
+            if model is not None:
+                known = list(model.model_fields)
+                close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+                fix = (f"did you mean '{close[0]}'? " if close else "") + "known keys here: " + ", ".join(known)
+            else:
+                fix = "remove it"
+            has_value = False
+        elif kind == "literal_error":
+            fix = f"use one of {err.get('ctx', {}).get('expected', '')}"
+        elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            fix = "use a value in range"
+        elif kind.endswith("_type") and kind.startswith("model"):
+            pass
+        if path in merged and merged[path].message != msg:
+            old = merged[path]
+            merged[path] = Problem(path, f"{old.message}; or {msg}", value, "; or ".join(f for f in (old.fix, fix) if f),
+                                   has_value)
+        elif path not in merged:
+            merged[path] = Problem(path, msg, value, fix, has_value)
+    return list(merged.values())
+
+
+def parse_config(data: dict, source: str = "") -> SweepConfig:
+    """Validate a raw mapping against the schema; raise ConfigError with every problem."""
+    try:
+        return SweepConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(schema_problems(exc), source) from None
+
+
+def dump_config(cfg: SweepConfig) -> dict:
+    """A plain mapping of the resolved config that ``parse_config`` reads back to an equal config."""
+    return _plain(cfg)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, LayerSpec):
+        return value.to_yaml()
+    if isinstance(value, BaseModel):
+        return {name: _plain(getattr(value, name)) for name in type(value).model_fields}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay as values (used for MLflow params and the dry run)."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value and not full.startswith("search.space"):
+            out.update(flatten(value, full + "."))
+        else:
+            out[full] = value
+    return out
