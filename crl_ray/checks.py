@@ -28,7 +28,7 @@ from crl_ray.config import (
     SweepConfig,
     apply_overrides,
     parse_config,
-    read_yaml,
+    read_sweep_file,
     schema_problems,
 )
 from crl_ray.data import EMBEDDED_SOURCES, check_source, normalise
@@ -69,7 +69,7 @@ def hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def model_info(name: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelInfo:
+def model_info(name: str, revision: str | None = None) -> ModelInfo:
     """Depth and width of a model from its config (embedded facts, local config.json, HF cache or hub).
 
     Raises ``ValueError`` with a user-facing reason when the model cannot be identified.
@@ -89,20 +89,18 @@ def model_info(name: str, revision: str | None = None, trust_remote_code: bool =
         if not cfg_file.is_file():
             raise ValueError(f"no config.json in {path}; a local model must be a transformers folder")
         return _from_config_dict(json.loads(cfg_file.read_text()), str(cfg_file))
-    from transformers import AutoConfig
+    # config.json through huggingface_hub (importing transformers alone takes seconds)
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    try:
-        cfg = AutoConfig.from_pretrained(name, revision=revision, local_files_only=True,
-                                         trust_remote_code=trust_remote_code)
-        return _from_config_dict(cfg.to_dict(), "HF cache")
-    except Exception:  # not cached: try the hub below
-        pass
+    cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return _from_config_dict(json.loads(Path(cached).read_text()), "HF cache")
     if hub_reachable():
         try:
-            cfg = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-            return _from_config_dict(cfg.to_dict(), "HF hub")
-        except Exception as exc:
+            file = hf_hub_download(name, "config.json", revision=revision)
+        except Exception as exc:  # the hub raises many types; the first line says what happened
             raise ValueError(f"cannot read its config from the hub: {str(exc).splitlines()[0]}") from None
+        return _from_config_dict(json.loads(Path(file).read_text()), "HF hub")
     if name in KNOWN_MODELS:
         log.warning("hub unreachable: using the known depth of %s (%d blocks) without its config",
                     name, KNOWN_MODELS[name]["num_hidden_layers"])
@@ -344,14 +342,14 @@ def space_problems(raw: dict, cfg: SweepConfig, info: ModelInfo | None) -> list[
 def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, ModelInfo]:
     """Read, override and validate a sweep file; raise ConfigError listing every problem found."""
     source = str(path)
-    raw, problems = read_yaml(path)
+    raw, problems = read_sweep_file(path)
     if raw is None:
         raise ConfigError(problems, source)
     problems += apply_overrides(raw, list(overrides or []))
-    if problems:
-        raise ConfigError(problems, source)
     try:
         cfg = parse_config(copy.deepcopy(raw), source)
+        if problems:
+            raise ConfigError([], source)
     except ConfigError as exc:
         # still report model problems alongside schema ones when the model key itself is fine
         extra: list[Problem] = []
@@ -362,10 +360,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[S
             except ValueError as why:
                 extra.append(Problem("model.name", f"cannot identify the model: {why}", model_name,
                                      "use embedded:smollm2-135m-instruct, a local folder or a reachable HF id"))
-        raise ConfigError(exc.problems + extra, source) from None
+        raise ConfigError(problems + exc.problems + extra, source) from None
     info: ModelInfo | None
     try:
-        info = model_info(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
+        info = model_info(cfg.model.name, cfg.model.revision)
     except ValueError as why:
         info = None
         problems.append(Problem("model.name", f"cannot identify the model: {why}", cfg.model.name,

@@ -65,23 +65,24 @@ class LayerSpec(Section):
         given = [k for k in ("layers", "range", "fraction") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of a list of ints, {range: [start, end]} or {fraction: [start, end]}"
+                "not one layer form; give exactly one of a list of ints, {range: [start, end]} "
+                "or {fraction: [start, end]}"
             )
         if self.layers is not None:
             if not self.layers:
                 raise ValueError("the layer list is empty; list at least one hidden_states index")
             if any(i < 0 for i in self.layers):
-                raise ValueError("layer indices must be >= 0 (hidden_states indices)")
+                raise ValueError("negative layer index; hidden_states indices start at 0")
             if len(set(self.layers)) != len(self.layers):
-                raise ValueError("the layer list has duplicates")
+                raise ValueError("the layer list has duplicates; list each index once")
         if self.range is not None:
             lo, hi = self.range
             if lo < 0 or hi < lo:
-                raise ValueError(f"range [{lo}, {hi}] must satisfy 0 <= start <= end")
+                raise ValueError(f"range [{lo}, {hi}] is out of order; write [start, end] with 0 <= start <= end")
         if self.fraction is not None:
             lo, hi = self.fraction
             if not (0.0 <= lo <= hi <= 1.0):
-                raise ValueError(f"fraction [{lo}, {hi}] must satisfy 0 <= start <= end <= 1")
+                raise ValueError(f"fraction [{lo}, {hi}] is invalid; write [start, end] with 0 <= start <= end <= 1")
         return self
 
     def resolve(self, num_blocks: int) -> list[int]:
@@ -203,7 +204,7 @@ class MiningConfig(Section):
     @model_validator(mode="after")
     def _range(self) -> "MiningConfig":
         if self.block_low > self.block_high:
-            raise ValueError(f"block_low ({self.block_low}) must be <= block_high ({self.block_high})")
+            raise ValueError(f"block_low ({self.block_low}) > block_high ({self.block_high}); make block_low <= block_high")
         return self
 
 
@@ -276,7 +277,7 @@ class ResourcesConfig(Section):
     @model_validator(mode="after")
     def _ints(self) -> "ResourcesConfig":
         if isinstance(self.max_concurrent_trials, int) and self.max_concurrent_trials < 1:
-            raise ValueError("max_concurrent_trials must be >= 1 or 'auto'")
+            raise ValueError("max_concurrent_trials < 1; use a number >= 1 or auto")
         return self
 
 
@@ -417,7 +418,7 @@ class SweepConfig(Section):
     @classmethod
     def _name(cls, value: str) -> str:
         if not _NAME_RE.match(value):
-            raise ValueError("use only letters, digits, '_', '-' and '.' (it names folders and MLflow runs)")
+            raise ValueError("not a valid sweep name; use only letters, digits, '_', '-' and '.' (it names folders and runs)")
         return value
 
 
@@ -425,6 +426,36 @@ class SweepConfig(Section):
 # Reading YAML, applying overrides and turning pydantic errors into user-facing problems.
 
 _TAG_RE = re.compile(r"^(literal\[.*|list\[.*|dict\[.*|tuple\[.*|int|float|str|bool|function-.*|[A-Z]\w*)$")
+
+
+def read_sweep_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[dict | None, list[Problem]]:
+    """The mapping of a sweep file with its ``extends:`` chain merged in (mappings merge, the rest replaces)."""
+    data, problems = read_yaml(path)
+    if data is None or "extends" not in data:
+        return data, problems
+    parent = data.pop("extends")
+    if not isinstance(parent, str) or not parent:
+        return None, [Problem("extends", "must be the path of another sweep file", parent,
+                              fix="write e.g. extends: paper.yaml (relative to this file)")]
+    parent_path = (Path(path).parent / parent).resolve()
+    if parent_path in _seen or parent_path == Path(path).resolve():
+        return None, [Problem("extends", "sweep files extend each other in a cycle", parent, fix="break the cycle")]
+    base, base_problems = read_sweep_file(parent_path, _seen + (Path(path).resolve(),))
+    if base is None:
+        return None, [Problem(f"extends ({parent})", pr.message, pr.value, pr.fix, pr.has_value)
+                      for pr in base_problems]
+    return deep_merge(base, data), problems
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``: nested mappings merge key by key, every other value replaces."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def read_yaml(path: str | Path) -> tuple[dict | None, list[Problem]]:
@@ -564,9 +595,9 @@ def schema_problems(exc: ValidationError) -> list[Problem]:
         loc = _clean_loc(tuple(err["loc"]), kind == "extra_forbidden")
         path = format_loc(loc)
         msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
         fix = _FIXES.get(kind, "")
+        if msg.startswith("Value error, "):  # our validators write "what is wrong; how to fix it"
+            msg, _, fix = msg[len("Value error, "):].partition("; ")
         has_value = kind != "missing"
         value = err.get("input")
         if kind == "extra_forbidden":
@@ -582,7 +613,7 @@ def schema_problems(exc: ValidationError) -> list[Problem]:
         elif kind == "literal_error":
             fix = f"use one of {err.get('ctx', {}).get('expected', '')}"
         elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-            fix = "use a value in range"
+            fix = "use a value in that range"
         elif kind.endswith("_type") and kind.startswith("model"):
             pass
         if path in merged and merged[path].message != msg:

@@ -253,6 +253,8 @@ def load_source(src: DataSource, path: str = "data") -> "datasets.Dataset":  # n
                             "    fix: check the id, subset and split, your network and HF_TOKEN") from None
         prompt_col = prompt_col or "prompt"
     for key, col in (("prompt_column", prompt_col), ("response_column", response_col)):
+        if col is not None and col not in ds.column_names and col.split(".")[0] in ds.column_names:
+            ds = _flatten_column(ds, col)
         if col is not None and col not in ds.column_names:
             raise UserError(f"{path}.{key}: no column {col!r} in {src.source}; "
                             f"columns: {', '.join(ds.column_names)}")
@@ -270,6 +272,18 @@ def load_source(src: DataSource, path: str = "data") -> "datasets.Dataset":  # n
         raise UserError(f"{path}: source {src.source!r} has no rows after filtering (where={src.where})\n"
                         "    fix: loosen the where filter or pick another split")
     return ds
+
+
+def _flatten_column(ds, spec: str):
+    """Add a column named ``spec`` holding ``row[a][b]...`` for a dotted spec such as ``messages.1.content``."""
+
+    def get(row):
+        value = row
+        for part in spec.split("."):
+            value = value[int(part)] if isinstance(value, list) else value[part]
+        return {spec: value}
+
+    return ds.map(get)
 
 
 def _rename(ds, old: str, new: str):
