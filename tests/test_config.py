@@ -246,3 +246,13 @@ def test_resource_plan_concurrency() -> None:
     cfg, _ = load_config(ROOT / "sweeps" / "margin.yaml")
     plan = sweep.resource_plan(cfg)
     assert plan.gpus_per_trial == 4 and plan.cluster_cpus is None and plan.concurrency == cfg.search.num_trials
+
+
+def test_config_reference_doc_is_in_sync() -> None:
+    from crl_ray.config import config_reference
+
+    doc = (ROOT / "docs" / "CONFIG.md").read_text()
+    assert doc == config_reference(), "regenerate: python -m crl_ray.config reference > docs/CONFIG.md"
+    # every section and key of the schema appears
+    for key in ("margin_benign", "target_layers", "init_iterations", "max_concurrent_trials", "layer_window"):
+        assert f"`{key}`" in doc or key in doc
