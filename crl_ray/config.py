@@ -222,10 +222,11 @@ class DataSource(Section):
         default_factory=dict, description="Keep rows whose columns equal these values."
     )
     limit: int | None = Field(None, gt=0)
-    answer: Literal["column", "generate", "refusal"] = Field(
+    answer: Literal["column", "generate", "refusal", "refusal_template"] = Field(
         "column",
         description="column: the dataset's answer; generate: the generator model answers the prompt; "
-        "refusal: the generator answers under a refusal instruction.",
+        "refusal: the generator answers under a refusal instruction; refusal_template: one of crl_ray's "
+        "fixed refusal texts, chosen by a hash of the prompt.",
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import json
 import logging
 import re
@@ -148,8 +149,8 @@ def check_source(src: DataSource, path: str, needs_answers: bool = True) -> list
         prompt_col = src.prompt_column or (EMBEDDED_SOURCES[src.source].prompt_column
                                            if kind == "embedded" else "prompt")
         wanted = {"prompt_column": prompt_col, "response_column": src.response_column}
-        for key, col in wanted.items():
-            if col is not None and col not in columns:
+        for key, col in wanted.items():  # a dotted column (messages.1.content) is checked by its first part
+            if col is not None and col.split(".")[0] not in columns:
                 problems.append(Problem(f"{path}.{key}", f"no such column in {src.source}", col,
                                         f"use one of {', '.join(columns)}"))
         for col in src.where:
@@ -185,8 +186,11 @@ def _file_columns(file: Path) -> tuple[str, ...] | None:
 
 
 def _skip_comments(lines):
+    """Drop ``# ...`` lines before the CSV header (pyrit's files start with one); later lines are data."""
+    header_seen = False
     for line in lines:
-        if not line.startswith("#"):
+        if header_seen or not line.startswith("#"):
+            header_seen = True
             yield line
 
 
@@ -219,11 +223,11 @@ def _read_rows(file: Path, reader: str) -> list[dict[str, Any]]:
     raise ValueError(f"no reader for {file}")
 
 
-def load_source(src: DataSource, path: str = "data") -> "datasets.Dataset":  # noqa: F821
+def load_source(src: DataSource, path: str = "data", needs_answers: bool = False) -> "datasets.Dataset":  # noqa: F821
     """Load a source as a Dataset with a ``prompt`` column (and ``response`` where it has answers)."""
     import datasets
 
-    problems = check_source(src, path)
+    problems = check_source(src, path, needs_answers)
     if problems:
         from crl_ray.errors import ConfigError
 
@@ -312,3 +316,147 @@ def drop_overlap(ds, held_out: set[str], what: str = "training"):
 def list_sources(echo: Callable[[str], None] = print) -> None:
     for name, spec in EMBEDDED_SOURCES.items():
         echo(f"{name:18s} {spec.description}  [{spec.provenance}]")
+
+
+# --------------------------------------------------------------------------------------------- CRL data
+@dataclass
+class CRLData:
+    """Encoded benign, harmful and retain sets (torch format) and how each was made."""
+
+    benign: Any
+    harmful: Any
+    retain: Any
+    provenance: list[dict[str, Any]]
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for group in ("benign", "harmful", "retain"):
+            ds = getattr(self, group)
+            cols = ds[:]  # torch format: a dict of [N, T] tensors
+            out[group] = {
+                "rows": len(ds),
+                "request_tokens_mean": round(float(cols["request_mask"].sum(1).float().mean()), 2),
+                "response_tokens_mean": round(float(cols["response_mask"].sum(1).float().mean()), 2),
+            }
+        return out
+
+
+def refusal_resources() -> dict[str, Any]:
+    """crl_ray's refusal templates and the refusal system prompt (crl_ray/resources/refusals.json)."""
+    return json.loads(resources.files("crl_ray.resources").joinpath("refusals.json").read_text(encoding="utf-8"))
+
+
+def template_refusal(prompt: str, templates: list[str]) -> str:
+    """A fixed refusal text for ``prompt``, chosen by a stable hash (same prompt, same refusal)."""
+    import hashlib
+
+    digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+    return templates[int.from_bytes(digest[:4], "big") % len(templates)]
+
+
+def answered_source(src: DataSource, path: str, cfg: "SweepConfig", *, held_out: set[str] | None,  # noqa: F821
+                    load_generator: Callable[[], tuple[Any, Any]], cache_dir: Path) -> tuple[Any, dict]:
+    """One source as (prompt, response) rows, answers generated or templated where asked, with provenance."""
+    from crl_ray.generate import cached_answers
+
+    ds = load_source(src, path, needs_answers=True)
+    if held_out is not None:
+        ds = drop_overlap(ds, held_out)
+    record: dict[str, Any] = {"path": path, "source": src.source, "split": src.split, "rows": len(ds),
+                              "answer": src.answer}
+    if src.answer != "column":
+        prompts = list(ds["prompt"])
+        if src.answer == "refusal_template":
+            answers = [template_refusal(p, refusal_resources()["templates"]) for p in prompts]
+        else:
+            gen = cfg.data.generation
+            system = refusal_resources()["system_prompt"] if src.answer == "refusal" else None
+            model_id = gen.model or cfg.model.name
+            answers = cached_answers(prompts, model_id=model_id, revision=None if gen.model else cfg.model.revision,
+                                     cfg=gen, system=system, cache_dir=cache_dir, load_model=load_generator)
+            record["generator"] = {"model": model_id, "system": system, **gen.model_dump()}
+        if "response" in ds.column_names:
+            ds = ds.remove_columns("response")
+        ds = ds.add_column("response", answers)
+    return ds.select_columns(["prompt", "response"]), record
+
+
+def build_crl_data(cfg: "SweepConfig", tokenizer: Any, *,  # noqa: F821
+                   load_generator: Callable[[], tuple[Any, Any]], cache_dir: Path) -> CRLData:
+    """The benign, harmful and retain sets of METHOD.md, encoded for the model's chat template.
+
+    Benign and harmful prompts that are also evaluation behaviours are dropped (train/eval disjointness).
+    ``load_generator() -> (model, tokenizer)`` is called only if some answers are not cached yet.
+    """
+    import datasets
+
+    from crl_ray.encoding import encode_dataset
+
+    held_out = {normalise(x) for x in load_source(cfg.eval.behaviors, "eval.behaviors")["prompt"]}
+    load_generator = functools.cache(load_generator)  # load once, only if some answers are missing
+    provenance: list[dict[str, Any]] = []
+    encoded = {}
+    for group in ("benign", "harmful", "retain"):
+        parts = []
+        for i, src in enumerate(getattr(cfg.data, group)):
+            ds, record = answered_source(src, f"data.{group}[{i}]", cfg,
+                                         held_out=held_out if group != "retain" else None,
+                                         load_generator=load_generator, cache_dir=cache_dir)
+            parts.append(ds)
+            provenance.append(record)
+        merged = datasets.concatenate_datasets(parts).shuffle(seed=cfg.data.seed)
+        encoded[group] = encode_dataset(merged, tokenizer, max_request_tokens=cfg.data.max_request_tokens,
+                                        max_response_tokens=cfg.data.max_response_tokens)
+    return CRLData(encoded["benign"], encoded["harmful"], encoded["retain"], provenance)
+
+
+def load_model_and_tokenizer(name: str, revision: str | None = None, dtype: str = "float32") -> tuple[Any, Any]:
+    """A causal LM and its tokenizer by HF id, local folder or ``embedded:`` name."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from crl_ray.assets import resolve_model
+
+    path = resolve_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype))
+    return model, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m crl_ray.data sources | prepare FILE.yaml [key=value ...]``"""
+    import argparse
+    import sys
+
+    from crl_ray.errors import USAGE_EXIT_CODE
+
+    parser = argparse.ArgumentParser(prog="python -m crl_ray.data",
+                                     description="crl_ray data: list embedded sources, or build a sweep's CRL data.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("sources", help="list the embedded data sources")
+    prep = sub.add_parser("prepare", help="load, answer (generate once, cached) and encode a sweep file's data")
+    prep.add_argument("file")
+    prep.add_argument("overrides", nargs="*", metavar="key.path=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.cmd == "sources":
+        list_sources()
+        return 0
+    from crl_ray.assets import cache_dir
+    from crl_ray.checks import load_config
+
+    try:
+        cfg, _ = load_config(args.file, args.overrides)
+        _, tokenizer = load_model_and_tokenizer(cfg.model.name, cfg.model.revision)
+        gen_name = cfg.data.generation.model or cfg.model.name
+        data = build_crl_data(cfg, tokenizer, cache_dir=cache_dir() / "generations",
+                              load_generator=lambda: load_model_and_tokenizer(gen_name, cfg.model.revision))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE_EXIT_CODE
+    print(json.dumps({"stats": data.stats(), "provenance": data.provenance}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
