@@ -1,0 +1,174 @@
+"""CRL triplet terms against hand-computed values and a naive per-token reference of METHOD.md."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from crl_ray.losses import DISTANCES, distance, harmful_centroid, kl_retain, triplet_terms
+
+
+def naive_distance(name: str, x: list[float], y: list[float]) -> float:
+    l2 = math.sqrt(sum((a - b) ** 2 for a, b in zip(x, y)))
+    nx, ny = math.sqrt(sum(a * a for a in x)), math.sqrt(sum(b * b for b in y))
+    cos = sum(a * b for a, b in zip(x, y)) / max(nx * ny, 1e-8)
+    if name == "l2":
+        return l2
+    if name == "cosine":
+        return 1 - cos
+    if name == "l2_normalized_sq":
+        return 0.3 * sum((a / nx - b / ny) ** 2 for a, b in zip(x, y))
+    return l2 + 10 * (1 - max(cos, 0.0))
+
+
+def naive_terms(bl, bo, bm, hl, ho, hm, layers_b, layers_h, m_b, m_h, dbp, dbn, dhp, dhn):
+    """A literal, loop-by-loop reading of METHOD.md's formulas, in float64 Python."""
+    def centroid(layer):
+        num, den = None, 0.0
+        for i in range(hl[layer].shape[0]):
+            for t in range(hl[layer].shape[1]):
+                if hm[i][t]:
+                    v = hl[layer][i, t].double().tolist()
+                    num = v if num is None else [a + b for a, b in zip(num, v)]
+                    den += 1
+        return [a / den for a in num]
+
+    total_b = 0.0
+    for layer in layers_b:
+        c = centroid(layer)
+        for i in range(bl[layer].shape[0]):
+            for t in range(bl[layer].shape[1]):
+                if bm[i][t]:
+                    h, h0 = bl[layer][i, t].tolist(), bo[layer][i, t].tolist()
+                    total_b += max(naive_distance(dbp, h, h0) - naive_distance(dbn, h, c) + m_b, 0.0)
+    total_h = 0.0
+    for layer in layers_h:
+        c = centroid(layer)
+        for i in range(hl[layer].shape[0]):
+            for t in range(hl[layer].shape[1]):
+                if hm[i][t]:
+                    h, h0 = hl[layer][i, t].tolist(), ho[layer][i, t].tolist()
+                    total_h += max(naive_distance(dhp, h, c) - naive_distance(dhn, h, h0) + m_h, 0.0)
+    nb = sum(sum(r) for r in bm)
+    nh = sum(sum(r) for r in hm)
+    return total_b / (len(layers_b) * nb), total_h / (len(layers_h) * nh)
+
+
+def test_hand_computed_l2_case() -> None:
+    """One layer, D=2. Harmful centroid = [3, 4] (only the first harmful token is masked in).
+
+    Benign, m_b=5, l2/l2: token 1: d_pos 0, d_neg sqrt(20) -> 5 - sqrt(20); token 2: d_pos 1, d_neg sqrt(18)
+    -> 6 - sqrt(18); L_b = (11 - sqrt(20) - sqrt(18)) / 2 = 1.142664...
+    Harmful, m_h=4, l2/l2: d_pos 0 (the token is the centroid), d_neg |[3,4]-[0,4]| = 3 -> L_h = 1.
+    """
+    bl = [torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])]
+    bo = [torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])]
+    hl = [torch.tensor([[[3.0, 4.0], [0.0, 0.0]]])]
+    ho = [torch.tensor([[[0.0, 4.0], [9.0, 9.0]]])]
+    lb, lh = triplet_terms(bl, bo, torch.tensor([[1, 1]]), hl, ho, torch.tensor([[1, 0]]),
+                           benign_layers=[0], harmful_layers=[0], margin_benign=5.0, margin_harmful=4.0,
+                           dist_benign_pos="l2", dist_benign_neg="l2", dist_harmful_pos="l2", dist_harmful_neg="l2")
+    assert_close(lb, torch.tensor((11 - math.sqrt(20) - math.sqrt(18)) / 2))
+    assert_close(lh, torch.tensor(1.0))
+
+
+def test_each_distance_by_hand() -> None:
+    x, y = torch.tensor([3.0, 4.0]), torch.tensor([4.0, -3.0])  # orthogonal, |x|=|y|=5, |x-y| = sqrt(50)
+    assert_close(distance("l2", x, y), torch.tensor(math.sqrt(50)))
+    assert_close(distance("cosine", x, y), torch.tensor(1.0))
+    assert_close(distance("l2_normalized_sq", x, y), torch.tensor(0.3 * 2.0))
+    assert_close(distance("mix", x, y), torch.tensor(math.sqrt(50) + 10.0))
+    assert_close(distance("mix", x, -x), torch.tensor(10.0 + 10.0))  # ReLU(cos=-1) = 0
+    with pytest.raises(ValueError):
+        distance("manhattan", x, y)
+
+
+def _random_case(seed: int, layers: int = 5, b: int = 2, t: int = 6, d: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda: [torch.randn(b, t, d, generator=g) for _ in range(layers)]  # noqa: E731
+    bm = (torch.rand(b, t, generator=g) > 0.4).long()
+    hm = (torch.rand(b, t, generator=g) > 0.4).long()
+    bm[0, 0] = hm[0, 0] = 1
+    return make(), make(), bm, make(), make(), hm
+
+
+PAIRS = list(itertools.product(DISTANCES, repeat=2))
+# 16 cases; the benign slots run through all 16 (pos, neg) pairs, the harmful slots too (in reverse order)
+COMBOS = [(a, b, c, d) for (a, b), (c, d) in zip(PAIRS, reversed(PAIRS))]
+
+
+@pytest.mark.parametrize("dbp,dbn,dhp,dhn", COMBOS)
+@pytest.mark.parametrize("seed,layers_b,layers_h,m_b,m_h", [(0, [0, 1, 2, 3, 4], [3, 4], 2.0, 3.0),
+                                                            (1, [2], [1, 2, 4], 0.5, 20.0),
+                                                            (2, [4, 1], [0], 0.0, 0.0)])
+def test_matches_naive_reference(dbp, dbn, dhp, dhn, seed, layers_b, layers_h, m_b, m_h) -> None:
+    bl, bo, bm, hl, ho, hm = _random_case(seed)
+    lb, lh = triplet_terms(bl, bo, bm, hl, ho, hm, benign_layers=layers_b, harmful_layers=layers_h,
+                           margin_benign=m_b, margin_harmful=m_h, dist_benign_pos=dbp, dist_benign_neg=dbn,
+                           dist_harmful_pos=dhp, dist_harmful_neg=dhn)
+    rb, rh = naive_terms(bl, bo, bm.tolist(), hl, ho, hm.tolist(), layers_b, layers_h, m_b, m_h, dbp, dbn, dhp, dhn)
+    assert_close(lb.double(), torch.tensor(rb, dtype=torch.float64), rtol=1e-4, atol=1e-5)
+    assert_close(lh.double(), torch.tensor(rh, dtype=torch.float64), rtol=1e-4, atol=1e-5)
+
+
+def test_all_sixteen_slot_combinations_covered() -> None:
+    assert {(a, b) for a, b, _, _ in COMBOS} == set(PAIRS) == {(c, d) for _, _, c, d in COMBOS}
+    assert len(PAIRS) == 16
+
+
+def test_gradients_finite_when_lora_equals_original() -> None:
+    """At step 0 the adapter is a no-op (LoRA B = 0): h == h0, where ||x - y|| has a kink. Grads must stay finite."""
+    bl, _, bm, hl, _, hm = _random_case(3)
+    bl = [x.requires_grad_() for x in bl]
+    hl = [x.requires_grad_() for x in hl]
+    for name in DISTANCES:
+        lb, lh = triplet_terms(bl, [x.detach() for x in bl], bm, hl, [x.detach() for x in hl], hm,
+                               benign_layers=[0, 1], harmful_layers=[2, 3], margin_benign=100.0, margin_harmful=100.0,
+                               dist_benign_pos=name, dist_benign_neg=name, dist_harmful_pos=name,
+                               dist_harmful_neg=name)
+        grads = torch.autograd.grad(lb + lh, bl[:2] + hl[2:4])
+        assert all(torch.isfinite(g).all() for g in grads), name
+
+
+def test_masked_positions_do_not_matter() -> None:
+    bl, bo, bm, hl, ho, hm = _random_case(4)
+    kw = dict(benign_layers=[1, 2], harmful_layers=[3], margin_benign=1.0, margin_harmful=1.0,
+              dist_benign_pos="mix", dist_benign_neg="mix", dist_harmful_pos="mix", dist_harmful_neg="mix")
+    base = triplet_terms(bl, bo, bm, hl, ho, hm, **kw)
+    bl2 = [x.clone() for x in bl]
+    hl2 = [x.clone() for x in hl]
+    for x in bl2:
+        x[bm == 0] = 1e3
+    for x in hl2:
+        x[hm == 0] = -1e3
+    moved = triplet_terms(bl2, bo, bm, hl2, ho, hm, **kw)
+    assert_close(moved[0], base[0]) and assert_close(moved[1], base[1])
+
+
+def test_centroid_and_diagnostics() -> None:
+    h = torch.tensor([[[1.0, 1.0], [3.0, 5.0]], [[5.0, 3.0], [100.0, 100.0]]])
+    m = torch.tensor([[1, 1], [1, 0]])
+    assert_close(harmful_centroid(h, m), torch.tensor([3.0, 3.0]))
+    bl, bo, bm, hl, ho, hm = _random_case(5)
+    *_, diag = triplet_terms(bl, bo, bm, hl, ho, hm, benign_layers=[0], harmful_layers=[1], margin_benign=1.0,
+                             margin_harmful=1.0, dist_benign_pos="l2", dist_benign_neg="l2", dist_harmful_pos="l2",
+                             dist_harmful_neg="l2", return_diagnostics=True)
+    assert set(diag) == {"dist/benign_pos", "dist/benign_neg", "dist/harmful_pos", "dist/harmful_neg"}
+    assert all(v > 0 for v in diag.values())
+
+
+def test_kl_retain_zero_for_equal_logits_and_matches_formula() -> None:
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(2, 3, 5, generator=g)
+    z = torch.randn(2, 3, 5, generator=g)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert_close(kl_retain(z0, z0, mask), torch.tensor(0.0))
+    t = 2.0
+    p = torch.softmax(z0 / t, -1)
+    ref = sum(float((p[i, j] * (p[i, j].log() - torch.log_softmax(z[i, j] / t, -1))).sum())
+              for i in range(2) for j in range(3) if mask[i, j]) * t * t / 2
+    assert_close(kl_retain(z0, z, mask), torch.tensor(ref, dtype=torch.float32))
