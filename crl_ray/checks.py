@@ -26,12 +26,13 @@ from crl_ray.config import (
     LayerSpec,
     LayerWindowParam,
     SweepConfig,
+    _section_type,
     apply_overrides,
     parse_config,
     read_sweep_file,
     schema_problems,
 )
-from crl_ray.data import EMBEDDED_SOURCES, check_source, normalise
+from crl_ray.data import EMBEDDED_SOURCES, check_source
 from crl_ray.errors import ConfigError, Problem
 
 log = logging.getLogger(__name__)
@@ -219,29 +220,23 @@ def semantic_problems(cfg: SweepConfig, info: ModelInfo | None, prefix: str = ""
 def data_problems(cfg: SweepConfig) -> list[Problem]:
     """Problems of every data source, plus train/evaluation overlap of sources."""
     p: list[Problem] = []
+    ev = (cfg.eval.behaviors.source, cfg.eval.behaviors.split)
     for group in ("benign", "harmful", "retain"):
         for i, src in enumerate(getattr(cfg.data, group)):
+            where = f"data.{group}[{i}].source"
             p += check_source(src, f"data.{group}[{i}]")
-    p += check_source(cfg.eval.behaviors, "eval.behaviors", needs_answers=False)
-    p += check_source(cfg.eval.over_refusal, "eval.over_refusal", needs_answers=False)
-    ev = (cfg.eval.behaviors.source, cfg.eval.behaviors.split)
-    for group in ("benign", "harmful"):
-        for i, src in enumerate(getattr(cfg.data, group)):
-            if (src.source, src.split) == ev:
-                p.append(Problem(f"data.{group}[{i}].source", "the same source and split as eval.behaviors: "
+            if group != "retain" and (src.source, src.split) == ev:
+                p.append(Problem(where, "the same source and split as eval.behaviors: "
                                  "training and evaluation behaviours must be disjoint", src.source,
                                  "train on another source (e.g. advbench) or evaluate on harmbench_test"))
-    for i, src in enumerate(cfg.data.benign + cfg.data.retain):
-        if src.source == cfg.eval.over_refusal.source:
-            group = "benign" if i < len(cfg.data.benign) else "retain"
-            j = i if group == "benign" else i - len(cfg.data.benign)
-            p.append(Problem(f"data.{group}[{j}].source", "also the over-refusal evaluation set", src.source,
-                             "keep over-refusal prompts out of training (use benign_prompts)"))
-    for group in ("harmful",):
-        for i, src in enumerate(getattr(cfg.data, group)):
-            if src.source in EMBEDDED_SOURCES and not EMBEDDED_SOURCES[src.source].harmful:
-                p.append(Problem(f"data.{group}[{i}].source", "not a harmful-behaviour dataset", src.source,
+            if group != "harmful" and src.source == cfg.eval.over_refusal.source:
+                p.append(Problem(where, "also the over-refusal evaluation set", src.source,
+                                 "keep over-refusal prompts out of training (use benign_prompts)"))
+            if group == "harmful" and src.source in EMBEDDED_SOURCES and not EMBEDDED_SOURCES[src.source].harmful:
+                p.append(Problem(where, "not a harmful-behaviour dataset", src.source,
                                  "use advbench, a harmful HF dataset or a file of harmful prompts"))
+    p += check_source(cfg.eval.behaviors, "eval.behaviors", needs_answers=False)
+    p += check_source(cfg.eval.over_refusal, "eval.over_refusal", needs_answers=False)
     return p
 
 
@@ -258,8 +253,6 @@ def field_at(path: str) -> tuple[Any, str | None]:
             return None, f"no key '{part}' in {'.'.join(parts[:i]) or 'the sweep file'}"
         if i == len(parts) - 1:
             return field, None
-        from crl_ray.config import _section_type
-
         model = _section_type(field.annotation)
     return None, "empty path"
 
@@ -376,9 +369,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[S
     assert info is not None
     return cfg, info
 
-
-def held_out_prompts(cfg: SweepConfig) -> set[str]:
-    """Normalised evaluation behaviours, to keep out of training data."""
-    from crl_ray.data import load_source
-
-    return {normalise(x) for x in load_source(cfg.eval.behaviors, "eval.behaviors")["prompt"]}

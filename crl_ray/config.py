@@ -652,17 +652,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay as values (used for MLflow params and the dry run)."""
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, dict) and value and not full.startswith("search.space"):
-            out.update(flatten(value, full + "."))
-        else:
-            out[full] = value
-    return out
-
 
 # ============================================================================================ reference
 def _type_name(annotation: Any) -> str:

@@ -381,6 +381,11 @@ def answered_source(src: DataSource, path: str, cfg: "SweepConfig", *, held_out:
     return ds.select_columns(["prompt", "response"]), record
 
 
+def held_out_prompts(cfg: "SweepConfig") -> set[str]:  # noqa: F821
+    """Normalised evaluation behaviours, to keep out of training data."""
+    return {normalise(x) for x in load_source(cfg.eval.behaviors, "eval.behaviors")["prompt"]}
+
+
 def build_crl_data(cfg: "SweepConfig", tokenizer: Any, *,  # noqa: F821
                    load_generator: Callable[[], tuple[Any, Any]], cache_dir: Path) -> CRLData:
     """The benign, harmful and retain sets of METHOD.md, encoded for the model's chat template.
@@ -392,7 +397,7 @@ def build_crl_data(cfg: "SweepConfig", tokenizer: Any, *,  # noqa: F821
 
     from crl_ray.encoding import encode_dataset
 
-    held_out = {normalise(x) for x in load_source(cfg.eval.behaviors, "eval.behaviors")["prompt"]}
+    held_out = held_out_prompts(cfg)
     load_generator = functools.cache(load_generator)  # load once, only if some answers are missing
     provenance: list[dict[str, Any]] = []
     encoded = {}

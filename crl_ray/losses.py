@@ -82,32 +82,30 @@ def triplet_terms(
             centroids[layer] = harmful_centroid(harmful_lora[layer], mh)
         return centroids[layer]
 
-    sums = {"benign_pos": 0.0, "benign_neg": 0.0, "harmful_pos": 0.0, "harmful_neg": 0.0}
-    benign_total = benign_lora[benign_layers[0]].new_zeros((), dtype=torch.float32)
-    for layer in benign_layers:
-        h = benign_lora[layer]
-        d_pos = distance(dist_benign_pos, h, benign_orig[layer].detach())
-        d_neg = distance(dist_benign_neg, h, centroid(layer))
-        benign_total = benign_total + (F.relu(d_pos - d_neg + margin_benign) * mb).sum()
-        if return_diagnostics:
-            sums["benign_pos"] += float((d_pos * mb).sum() / mb.sum().clamp_min(1.0))
-            sums["benign_neg"] += float((d_neg * mb).sum() / mb.sum().clamp_min(1.0))
-    harmful_total = harmful_lora[harmful_layers[0]].new_zeros((), dtype=torch.float32)
-    for layer in harmful_layers:
-        h = harmful_lora[layer]
-        d_pos = distance(dist_harmful_pos, h, centroid(layer))
-        d_neg = distance(dist_harmful_neg, h, harmful_orig[layer].detach())
-        harmful_total = harmful_total + (F.relu(d_pos - d_neg + margin_harmful) * mh).sum()
-        if return_diagnostics:
-            sums["harmful_pos"] += float((d_pos * mh).sum() / mh.sum().clamp_min(1.0))
-            sums["harmful_neg"] += float((d_neg * mh).sum() / mh.sum().clamp_min(1.0))
+    def hinge(hidden, pos_target, neg_target, mask, layers, d_pos_name, d_neg_name, margin, key):
+        """sum over layers and tokens of mask * ReLU(d_pos - d_neg + margin); mean distances per layer."""
+        total = hidden[layers[0]].new_zeros((), dtype=torch.float32)
+        means = {f"dist/{key}_pos": 0.0, f"dist/{key}_neg": 0.0}
+        for layer in layers:
+            h = hidden[layer]
+            d_pos = distance(d_pos_name, h, pos_target(layer))
+            d_neg = distance(d_neg_name, h, neg_target(layer))
+            total = total + (F.relu(d_pos - d_neg + margin) * mask).sum()
+            if return_diagnostics:
+                count = mask.sum().clamp_min(1.0)
+                means[f"dist/{key}_pos"] += float((d_pos * mask).sum() / count) / len(layers)
+                means[f"dist/{key}_neg"] += float((d_neg * mask).sum() / count) / len(layers)
+        return total, means
+
+    benign_total, benign_diag = hinge(benign_lora, lambda l: benign_orig[l].detach(), centroid, mb, benign_layers,
+                                      dist_benign_pos, dist_benign_neg, margin_benign, "benign")
+    harmful_total, harmful_diag = hinge(harmful_lora, centroid, lambda l: harmful_orig[l].detach(), mh,
+                                        harmful_layers, dist_harmful_pos, dist_harmful_neg, margin_harmful, "harmful")
     loss_b = benign_total / (len(benign_layers) * mb.sum().clamp_min(1.0))
     loss_h = harmful_total / (len(harmful_layers) * mh.sum().clamp_min(1.0))
     if not return_diagnostics:
         return loss_b, loss_h
-    diag = {f"dist/{k}": v / (len(benign_layers) if k.startswith("benign") else len(harmful_layers))
-            for k, v in sums.items()}
-    return loss_b, loss_h, diag
+    return loss_b, loss_h, {**benign_diag, **harmful_diag}
 
 
 def kl_retain(logits_orig: Tensor, logits_lora: Tensor, mask: Tensor, temperature: float = 2.0) -> Tensor:
