@@ -8,7 +8,7 @@ Source: Simko et al., "Improving Large Language Model Safety with Contrastive Re
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,9 @@ def triplet_terms(
     dist_harmful_pos: Distance,
     dist_harmful_neg: Distance,
     return_diagnostics: bool = False,
+    centroids: Mapping[int, Tensor] | None = None,
+    benign_count: Tensor | float | None = None,
+    harmful_count: Tensor | float | None = None,
 ):
     """(L_b, L_h) of METHOD.md.
 
@@ -72,15 +75,18 @@ def triplet_terms(
     L_h = sum_{l in S, i, t}   M_h ReLU(d_hp(h_l, c_l) - d_hn(h_l, h0_l) + m_h) / (|S| sum M_h)
     with c_l the masked mean of the LoRA harmful hidden states at layer l (with gradient).
     With ``return_diagnostics`` a third value holds the mean positive/negative distances of both terms.
+
+    Data-parallel use: ``centroids`` (layer -> [D], computed over the global batch) and ``benign_count`` /
+    ``harmful_count`` (global mask sums) replace the local ones, so each rank returns its share of the global loss.
     """
     mb = benign_mask.to(torch.float32)
     mh = harmful_mask.to(torch.float32)
-    centroids: dict[int, Tensor] = {}
+    cache: dict[int, Tensor] = dict(centroids or {})
 
     def centroid(layer: int) -> Tensor:
-        if layer not in centroids:
-            centroids[layer] = harmful_centroid(harmful_lora[layer], mh)
-        return centroids[layer]
+        if layer not in cache:
+            cache[layer] = harmful_centroid(harmful_lora[layer], mh)
+        return cache[layer]
 
     def hinge(hidden, pos_target, neg_target, mask, layers, d_pos_name, d_neg_name, margin, key):
         """sum over layers and tokens of mask * ReLU(d_pos - d_neg + margin); mean distances per layer."""
@@ -93,25 +99,90 @@ def triplet_terms(
             total = total + (F.relu(d_pos - d_neg + margin) * mask).sum()
             if return_diagnostics:
                 count = mask.sum().clamp_min(1.0)
-                means[f"dist/{key}_pos"] += float((d_pos * mask).sum() / count) / len(layers)
-                means[f"dist/{key}_neg"] += float((d_neg * mask).sum() / count) / len(layers)
+                means[f"dist/{key}_pos"] += float((d_pos.detach() * mask).sum() / count) / len(layers)
+                means[f"dist/{key}_neg"] += float((d_neg.detach() * mask).sum() / count) / len(layers)
         return total, means
 
     benign_total, benign_diag = hinge(benign_lora, lambda l: benign_orig[l].detach(), centroid, mb, benign_layers,
                                       dist_benign_pos, dist_benign_neg, margin_benign, "benign")
     harmful_total, harmful_diag = hinge(harmful_lora, centroid, lambda l: harmful_orig[l].detach(), mh,
                                         harmful_layers, dist_harmful_pos, dist_harmful_neg, margin_harmful, "harmful")
-    loss_b = benign_total / (len(benign_layers) * mb.sum().clamp_min(1.0))
-    loss_h = harmful_total / (len(harmful_layers) * mh.sum().clamp_min(1.0))
+    nb = mb.sum().clamp_min(1.0) if benign_count is None else benign_count
+    nh = mh.sum().clamp_min(1.0) if harmful_count is None else harmful_count
+    loss_b = benign_total / (len(benign_layers) * nb)
+    loss_h = harmful_total / (len(harmful_layers) * nh)
     if not return_diagnostics:
         return loss_b, loss_h
     return loss_b, loss_h, {**benign_diag, **harmful_diag}
 
 
-def kl_retain(logits_orig: Tensor, logits_lora: Tensor, mask: Tensor, temperature: float = 2.0) -> Tensor:
-    """T^2 KL(softmax(z0/T) || softmax(z/T)), summed over unmasked positions, "batchmean" over sequences."""
+def kl_retain(logits_orig: Tensor, logits_lora: Tensor, mask: Tensor, temperature: float = 2.0,
+              num_sequences: Tensor | float | None = None) -> Tensor:
+    """T^2 KL(softmax(z0/T) || softmax(z/T)), summed over unmasked positions, "batchmean" over sequences.
+
+    ``num_sequences`` overrides the local batch size (data-parallel: the global number of sequences).
+    """
     t = temperature
     logp = F.log_softmax(logits_lora.float() / t, dim=-1)
     logq = F.log_softmax(logits_orig.detach().float() / t, dim=-1)
     per_token = (logq.exp() * (logq - logp)).sum(-1)
-    return t * t * (per_token * mask.to(torch.float32)).sum() / logits_lora.shape[0]
+    n = logits_lora.shape[0] if num_sequences is None else num_sequences
+    return t * t * (per_token * mask.to(torch.float32)).sum() / n
+
+
+# --------------------------------------------------------------------------------------------- baselines
+def circuit_breaker_coefficients(step: int, total_steps: int, alpha: float) -> tuple[float, float]:
+    """(c_r, c_cb) = (alpha * t/(2T), alpha * (1 - t/(2T))) at optimizer step t of T (Zou et al. 2024)."""
+    frac = step / (2.0 * total_steps)
+    return alpha * frac, alpha * (1.0 - frac)
+
+
+def masked_norm_mean(lora: Sequence[Tensor], orig: Sequence[Tensor], mask: Tensor, layers: Sequence[int],
+                     count: Tensor | float | None = None) -> Tensor:
+    """mean over ``layers`` and masked tokens of ||h_l - h0_l||_2 (``count`` = the mask sum, global if given)."""
+    m = mask.to(torch.float32)
+    n = m.sum().clamp_min(1.0) if count is None else count
+    total = lora[layers[0]].new_zeros((), dtype=torch.float32)
+    for layer in layers:
+        total = total + (distance("l2", lora[layer], orig[layer].detach()) * m).sum()
+    return total / (len(layers) * n)
+
+
+def circuit_breaker_terms(retain_lora: Sequence[Tensor], retain_orig: Sequence[Tensor], retain_mask: Tensor,
+                          harmful_lora: Sequence[Tensor], harmful_orig: Sequence[Tensor], harmful_mask: Tensor, *,
+                          retain_layers: Sequence[int], cb_layers: Sequence[int],
+                          retain_count: Tensor | float | None = None,
+                          harmful_count: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    """(L_retain, L_cb) of circuit breakers / representation rerouting (Zou et al. 2024; METHOD.md "Baselines").
+
+    L_retain = mean over ``retain_layers`` and masked retain tokens of ||h_l - h0_l||_2
+    L_cb     = sum_{l in cb_layers, i, t} M ReLU(cos(h_l, h0_l)) / sum M   (summed over layers, as in the reference)
+    """
+    loss_retain = masked_norm_mean(retain_lora, retain_orig, retain_mask, retain_layers, retain_count)
+    m = harmful_mask.to(torch.float32)
+    n = m.sum().clamp_min(1.0) if harmful_count is None else harmful_count
+    total = harmful_lora[cb_layers[0]].new_zeros((), dtype=torch.float32)
+    for layer in cb_layers:
+        cos = F.cosine_similarity(harmful_lora[layer].float(), harmful_orig[layer].detach().float(), dim=-1,
+                                  eps=_COS_EPS)
+        total = total + (F.relu(cos) * m).sum()
+    return loss_retain, total / n
+
+
+def repbend_cluster(harmful_lora: Sequence[Tensor], last_mask: Tensor, layers: Sequence[int]) -> Tensor:
+    """mean over ``layers`` and pairs i != j of 1 - cos(r_i, r_j), r = the LoRA harmful last-request-token state.
+
+    RepBend's term that pulls harmful representations together. Needs at least two rows; 0 for one row.
+    """
+    rows = last_mask.to(torch.float32)
+    total = harmful_lora[layers[0]].new_zeros((), dtype=torch.float32)
+    b = rows.shape[0]
+    if b < 2:
+        return total
+    for layer in layers:
+        r = (harmful_lora[layer].float() * rows.unsqueeze(-1)).sum(1)  # [B, D]: one position per row
+        r = F.normalize(r, dim=-1, eps=_COS_EPS)
+        sim = r @ r.T
+        off_diag = sim.sum() - sim.diagonal().sum()
+        total = total + (1.0 - off_diag / (b * (b - 1)))
+    return total / len(layers)

@@ -9,7 +9,17 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from crl_ray.losses import DISTANCES, distance, harmful_centroid, kl_retain, triplet_terms
+from crl_ray.losses import (
+    DISTANCES,
+    circuit_breaker_coefficients,
+    circuit_breaker_terms,
+    distance,
+    harmful_centroid,
+    kl_retain,
+    masked_norm_mean,
+    repbend_cluster,
+    triplet_terms,
+)
 
 
 def naive_distance(name: str, x: list[float], y: list[float]) -> float:
@@ -172,3 +182,85 @@ def test_kl_retain_zero_for_equal_logits_and_matches_formula() -> None:
     ref = sum(float((p[i, j] * (p[i, j].log() - torch.log_softmax(z[i, j] / t, -1))).sum())
               for i in range(2) for j in range(3) if mask[i, j]) * t * t / 2
     assert_close(kl_retain(z0, z, mask), torch.tensor(ref, dtype=torch.float32))
+
+
+# --------------------------------------------------------------------------------------------- data parallel
+def test_triplet_terms_global_centroid_and_counts_split_like_one_batch():
+    """Two halves with the global centroid and global mask sums add up to the loss of the whole batch."""
+    g = torch.Generator().manual_seed(3)
+    hl = [torch.randn(4, 5, 6, generator=g) for _ in range(3)]
+    ho = [torch.randn(4, 5, 6, generator=g) for _ in range(3)]
+    bl = [torch.randn(4, 5, 6, generator=g) for _ in range(3)]
+    bo = [torch.randn(4, 5, 6, generator=g) for _ in range(3)]
+    bm = (torch.rand(4, 5, generator=g) > 0.3).float()
+    hm = (torch.rand(4, 5, generator=g) > 0.3).float()
+    kw = dict(benign_layers=[0, 1, 2], harmful_layers=[1, 2], margin_benign=2.0, margin_harmful=3.0,
+              dist_benign_pos="l2", dist_benign_neg="cosine", dist_harmful_pos="mix", dist_harmful_neg="cosine")
+    whole = triplet_terms(bl, bo, bm, hl, ho, hm, **kw)
+    cents = {l: harmful_centroid(hl[l], hm) for l in range(3)}
+    parts = [triplet_terms([x[s] for x in bl], [x[s] for x in bo], bm[s], [x[s] for x in hl], [x[s] for x in ho],
+                           hm[s], centroids=cents, benign_count=bm.sum(), harmful_count=hm.sum(), **kw)
+             for s in (slice(0, 2), slice(2, 4))]
+    assert_close(parts[0][0] + parts[1][0], whole[0])
+    assert_close(parts[0][1] + parts[1][1], whole[1])
+
+
+def test_kl_retain_num_sequences_overrides_batch_size():
+    g = torch.Generator().manual_seed(0)
+    z0, z = torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g)
+    mask = torch.ones(2, 3)
+    assert_close(kl_retain(z0, z, mask, 2.0, num_sequences=4.0), kl_retain(z0, z, mask, 2.0) / 2)
+
+
+# --------------------------------------------------------------------------------------------- baselines
+def test_circuit_breaker_schedule():
+    """c_r = a*t/(2T), c_cb = a*(1 - t/(2T)): t=0 -> (0, a); t=T -> (a/2, a/2); here a=10, T=150."""
+    assert circuit_breaker_coefficients(0, 150, 10.0) == (0.0, 10.0)
+    assert circuit_breaker_coefficients(150, 150, 10.0) == (5.0, 5.0)
+    c_r, c_cb = circuit_breaker_coefficients(30, 150, 10.0)
+    assert math.isclose(c_r, 1.0) and math.isclose(c_cb, 9.0)
+
+
+def test_circuit_breaker_terms_hand_computed():
+    """One layer, one row, D=2.
+    retain: h=(3,4), h0=(0,0) -> ||.||=5 at t0; h=(1,0), h0=(1,0) -> 0 at t1; mean over 2 tokens = 2.5.
+    cb: h=(1,0) vs h0=(1,1): cos=1/sqrt2 -> relu 0.7071; h=(-1,0) vs h0=(1,0): cos=-1 -> 0; masked both: 0.7071/2.
+    """
+    retain_l = [torch.tensor([[[3.0, 4.0], [1.0, 0.0]]])]
+    retain_o = [torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])]
+    harm_l = [torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])]
+    harm_o = [torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])]
+    mask = torch.ones(1, 2)
+    loss_retain, loss_cb = circuit_breaker_terms(retain_l, retain_o, mask, harm_l, harm_o, mask,
+                                                 retain_layers=[0], cb_layers=[0])
+    assert_close(loss_retain, torch.tensor(2.5))
+    assert_close(loss_cb, torch.tensor(1 / math.sqrt(2) / 2))
+
+
+def test_circuit_breaker_cb_term_sums_over_layers():
+    h = [torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[0.0, 1.0]]])]
+    _, one = circuit_breaker_terms(h, h, torch.ones(1, 1), h, h, torch.ones(1, 1), retain_layers=[0], cb_layers=[0])
+    _, two = circuit_breaker_terms(h, h, torch.ones(1, 1), h, h, torch.ones(1, 1), retain_layers=[0],
+                                   cb_layers=[0, 1])
+    assert_close(one, torch.tensor(1.0))  # cos(h, h) = 1
+    assert_close(two, torch.tensor(2.0))  # summed, not averaged, over layers
+
+
+def test_repbend_cluster_hand_computed():
+    """Rows r0=(1,0), r1=(0,1), r2=(1,0) at the last request token: pair cosines 0,1,0 (each twice) ->
+    mean off-diagonal cos = 2/6 -> 1 - 1/3 = 2/3. One row -> 0."""
+    h = torch.zeros(3, 2, 2)
+    h[0, 1] = torch.tensor([1.0, 0.0])
+    h[1, 1] = torch.tensor([0.0, 5.0])
+    h[2, 1] = torch.tensor([2.0, 0.0])
+    last = torch.tensor([[0.0, 1.0]] * 3)
+    assert_close(repbend_cluster([h], last, [0]), torch.tensor(2 / 3))
+    assert_close(repbend_cluster([h[:1]], last[:1], [0]), torch.tensor(0.0))
+
+
+def test_masked_norm_mean_uses_mask_and_layers():
+    lora = [torch.tensor([[[3.0, 4.0], [6.0, 8.0]]]), torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])]
+    orig = [torch.zeros(1, 2, 2), torch.zeros(1, 2, 2)]
+    mask = torch.tensor([[1.0, 0.0]])
+    assert_close(masked_norm_mean(lora, orig, mask, [0]), torch.tensor(5.0))
+    assert_close(masked_norm_mean(lora, orig, mask, [0, 1]), torch.tensor(3.0))  # (5 + 1) / 2
