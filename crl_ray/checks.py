@@ -8,6 +8,7 @@ the search space is checked by substituting its bounds into the config and valid
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -21,10 +22,12 @@ from pydantic import BaseModel
 
 from crl_ray.config import (
     CategoricalParam,
+    EvalConfig,
     FloatParam,
     IntParam,
     LayerSpec,
     LayerWindowParam,
+    ObjectiveConfig,
     SweepConfig,
     _section_type,
     apply_overrides,
@@ -164,21 +167,8 @@ def semantic_problems(cfg: SweepConfig, info: ModelInfo | None, prefix: str = ""
         for key in sorted(mining.model_fields_set - {"enabled"}):
             p.append(Problem(prefix + f"mining.{key}", "set while mining.enabled is false (it would be ignored)",
                              getattr(mining, key), "set mining.enabled: true or remove it"))
-    ev = cfg.eval
-    if ev.judge == "classifier" and not ev.judge_model:
-        p.append(Problem(prefix + "eval.judge_model", "judge classifier needs a judge model", None,
-                         "name an HF model id, e.g. cais/HarmBench-Llama-2-13b-cls"))
-    if ev.judge != "classifier" and ev.judge_model:
-        p.append(Problem(prefix + "eval.judge_model", f"only used with judge: classifier (judge is {ev.judge})",
-                         ev.judge_model, "remove it or set eval.judge: classifier"))
-    for section, used in (("embedding", "embedding"), ("gcg", "gcg")):
-        if section in ev.model_fields_set and used not in ev.attacks:
-            p.append(Problem(prefix + f"eval.{section}", f"settings for the {used} attack, which is not in "
-                             "eval.attacks", has_value=False, fix=f"add {used} to eval.attacks or remove them"))
+    p += eval_problems(cfg.eval, cfg.objective, prefix)
     obj, search, sched, res = cfg.objective, cfg.search, cfg.scheduler, cfg.resources
-    if obj.asr_attack not in ("max", *ev.attacks):
-        p.append(Problem(prefix + "objective.asr_attack", "that attack is not run", obj.asr_attack,
-                         f"use max or one of {', '.join(ev.attacks)}"))
     if obj.kind == "pareto" and search.algorithm not in ("nsga2", "random"):
         p.append(Problem(prefix + "objective.kind", f"a Pareto objective needs search.algorithm nsga2 or random "
                          f"(got {search.algorithm})", obj.kind, "set search.algorithm: nsga2"))
@@ -214,6 +204,34 @@ def semantic_problems(cfg: SweepConfig, info: ModelInfo | None, prefix: str = ""
     if cfg.train.warmup_steps >= cfg.train.steps and cfg.train.warmup_steps:
         p.append(Problem(prefix + "train.warmup_steps", "warm-up as long as the whole run",
                          cfg.train.warmup_steps, f"use fewer than train.steps ({cfg.train.steps})"))
+    return p
+
+
+def eval_problems(ev: EvalConfig, obj: ObjectiveConfig, prefix: str = "") -> list[Problem]:
+    """Problems within the eval and objective sections (also checked by ``python -m crl_ray.evaluate`` alone)."""
+    p: list[Problem] = []
+    if ev.judge == "classifier" and not ev.judge_model:
+        p.append(Problem(prefix + "eval.judge_model", "judge classifier needs a judge model", None,
+                         "name an HF model id, e.g. cais/HarmBench-Llama-2-13b-cls"))
+    if ev.judge != "classifier" and ev.judge_model:
+        p.append(Problem(prefix + "eval.judge_model", f"only used with judge: classifier (judge is {ev.judge})",
+                         ev.judge_model, "remove it or set eval.judge: classifier"))
+    for section, used in (("embedding", "embedding"), ("gcg", "gcg")):
+        if section in ev.model_fields_set and used not in ev.attacks:
+            p.append(Problem(prefix + f"eval.{section}", f"settings for the {used} attack, which is not in "
+                             "eval.attacks", has_value=False, fix=f"add {used} to eval.attacks or remove them"))
+    mmlu = ev.mmlu
+    if mmlu.backend == "lm_eval":
+        if importlib.util.find_spec("lm_eval") is None:
+            p.append(Problem(prefix + "eval.mmlu.backend", "lm_eval (lm-evaluation-harness) is not installed",
+                             mmlu.backend, "pip install lm-eval, or set eval.mmlu.backend: subset"))
+        if "subset_size" in mmlu.model_fields_set:
+            p.append(Problem(prefix + "eval.mmlu.subset_size", "ignored by backend lm_eval (it runs all of MMLU)",
+                             mmlu.subset_size, "remove it or set eval.mmlu.backend: subset"))
+    p += check_source(ev.kl_prompts, prefix + "eval.kl_prompts", needs_answers=False)
+    if obj.asr_attack not in ("max", *ev.attacks):
+        p.append(Problem(prefix + "objective.asr_attack", "that attack is not run", obj.asr_attack,
+                         f"use max or one of {', '.join(ev.attacks)}"))
     return p
 
 
