@@ -163,6 +163,11 @@ def semantic_problems(cfg: SweepConfig, info: ModelInfo | None, prefix: str = ""
         if kind in loss.model_fields_set and loss.kind != kind:
             p.append(Problem(prefix + f"loss.{kind}", f"settings for loss.kind {kind}, but kind is {loss.kind}",
                              has_value=False, fix=f"remove loss.{kind} or set loss.kind: {kind}"))
+    if mining.enabled and mining.kind == "embedding" and not loss.harmful_mask.startswith("response"):
+        # the soft prompt shifts the request's tokens; only response columns line up with the frozen pass
+        p.append(Problem(prefix + "loss.harmful_mask", "mining.kind embedding inserts a soft prompt into the "
+                         "request, so request positions no longer match the original pass", loss.harmful_mask,
+                         "use a response_* mask (e.g. response_all) or mining.kind: latent"))
     if not mining.enabled:
         for key in sorted(mining.model_fields_set - {"enabled"}):
             p.append(Problem(prefix + f"mining.{key}", "set while mining.enabled is false (it would be ignored)",

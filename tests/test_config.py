@@ -135,6 +135,9 @@ MUTATIONS = [
     ("nsga2 with scalar", _set("search.algorithm", "nsga2"), "search.algorithm"),
     ("unknown attack", _set("eval.attacks", ["direct", "pair"]), "eval.attacks[1]"),
     ("mining block too deep", lambda d: d.update(mining={"enabled": True, "block_high": 40}), "mining.block_high"),
+    ("soft-prompt mining on request positions",
+     lambda d: (d.update(mining={"enabled": True, "kind": "embedding"}), d["loss"].update(harmful_mask="request_all")),
+     "loss.harmful_mask"),
 ]
 
 

@@ -1,0 +1,216 @@
+"""``python -m crl_ray.bench step``: the project's CRL training step vs a literal port of the reference step.
+
+The naive step follows the reference code: for each of the benign, harmful and retain batches, one frozen pass
+(adapter disabled) and one LoRA pass, each through every block and the LM head with ``output_hidden_states``;
+then the same loss functions. The project's step is :class:`crl_ray.step.StepComputer`. Both run on the same
+model, LoRA initialisation, batches and seed, each in a fresh subprocess (peak RSS is per process), and the
+benchmark prints one JSON object: seconds per step, tokens/s, peak memory, loss values, and the ratios.
+
+Target (issue 3): on SmolLM2-135M at batch 4 x 256 tokens on 2 CPU cores, >= 1.5x the naive tokens/s and
+<= 0.5x its peak memory, with the same loss (relative 1e-4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m crl_ray.bench step", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="HF id, folder or embedded: name")
+    p.add_argument("--batch", type=int, default=4, help="rows per batch kind (benign, harmful, retain)")
+    p.add_argument("--seq", type=int, default=256, help="tokens per row (half request, half response)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loss", default="paper", choices=["paper", "script"],
+                   help="paper: mix distances, margins 500/1500, benign layers all; script: released train.sh")
+    p.add_argument("--variant", default="both", choices=["both", "project", "naive"],
+                   help="both = run each in its own subprocess and compare")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    return p
+
+
+def bench_config(args: argparse.Namespace):
+    from crl_ray.config import parse_config
+
+    loss: dict[str, Any] = {"kind": "crl"}
+    if args.loss == "script":
+        loss.update(alpha=0.5, beta=0.6, gamma=0.7, margin_benign=2.0, margin_harmful=3.0, dist_benign_pos="l2",
+                    dist_benign_neg="cosine", dist_harmful_pos="cosine", dist_harmful_neg="cosine")
+    half = args.seq // 2
+    return parse_config({
+        "name": "bench-step", "model": {"name": args.model},
+        "lora": {"r": args.lora_r, "alpha": args.lora_r, "dropout": 0.0}, "loss": loss,
+        "data": {"benign": [{"source": "benign_prompts", "answer": "refusal_template"}],
+                 "harmful": [{"source": "advbench", "answer": "refusal_template"}],
+                 "retain": [{"source": "benign_prompts", "answer": "refusal_template"}],
+                 "max_request_tokens": half, "max_response_tokens": args.seq - half},
+        "search": {"algorithm": "none", "num_trials": 1},
+    })
+
+
+def synthetic_batch(vocab: int, rows: int, request: int, response: int, gen: torch.Generator) -> dict:
+    """Token ids in the training layout: left-padded request, right-padded response (lengths 50-100 %)."""
+    t = request + response
+    ids = torch.randint(10, vocab, (rows, t), generator=gen)
+    req_len = torch.randint(request // 2, request + 1, (rows,), generator=gen)
+    res_len = torch.randint(response // 2, response + 1, (rows,), generator=gen)
+    col = torch.arange(t)
+    request_mask = ((col >= request - req_len[:, None]) & (col < request)).long()
+    response_mask = ((col >= request) & (col < request + res_len[:, None])).long()
+    attention = request_mask | response_mask
+    ids = ids * attention  # pads are id 0
+    position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
+    labels = torch.where(response_mask.bool(), ids, torch.full_like(ids, -100))
+    return {"input_ids": ids, "attention_mask": attention, "request_mask": request_mask,
+            "response_mask": response_mask, "position_ids": position_ids, "labels": labels}
+
+
+def naive_step(model, cfg, plan, benign: dict, harmful: dict, retain: dict) -> tuple[torch.Tensor, dict]:
+    """The reference step, literally: a frozen and a LoRA pass per batch, full depth, all logits."""
+    from crl_ray.encoding import position_mask
+    from crl_ray.losses import kl_retain, triplet_terms
+    from crl_ray.model import adapter_disabled
+
+    loss_cfg = cfg.loss
+    frozen, lora = {}, {}
+    for name, batch in (("benign", benign), ("harmful", harmful), ("retain", retain)):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "position_ids": batch["position_ids"]}
+        with torch.no_grad(), adapter_disabled(model):
+            frozen[name] = model(**inputs, output_hidden_states=True, use_cache=False)
+        lora[name] = model(**inputs, output_hidden_states=True, use_cache=False)
+    loss_b, loss_h = triplet_terms(
+        lora["benign"].hidden_states, frozen["benign"].hidden_states,
+        position_mask(benign, loss_cfg.benign_mask, loss_cfg.first_k),
+        lora["harmful"].hidden_states, frozen["harmful"].hidden_states,
+        position_mask(harmful, loss_cfg.harmful_mask, loss_cfg.first_k),
+        benign_layers=list(plan.benign_layers), harmful_layers=list(plan.target_layers),
+        margin_benign=loss_cfg.margin_benign, margin_harmful=loss_cfg.margin_harmful,
+        dist_benign_pos=loss_cfg.dist_benign_pos, dist_benign_neg=loss_cfg.dist_benign_neg,
+        dist_harmful_pos=loss_cfg.dist_harmful_pos, dist_harmful_neg=loss_cfg.dist_harmful_neg)
+    loss_kl = kl_retain(frozen["retain"].logits, lora["retain"].logits, retain["attention_mask"],
+                        loss_cfg.kl_temperature)
+    loss = loss_cfg.alpha * loss_b + loss_cfg.beta * loss_h + loss_cfg.gamma * loss_kl
+    terms = {"train/loss_b": loss_b, "train/loss_h": loss_h, "train/loss_kl": loss_kl}
+    return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+
+
+def run_variant(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the model, run warm-up + timed steps of one variant in this process, return its numbers."""
+    from crl_ray.data import load_model_and_tokenizer
+    from crl_ray.model import apply_lora, lora_blocks, num_blocks, seed_everything
+    from crl_ray.step import LossPlan, StepComputer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = bench_config(args)
+    model, _ = load_model_and_tokenizer(cfg.model.name)
+    n = num_blocks(model)
+    plan = LossPlan.from_config(cfg, n)
+    seed_everything(args.seed)
+    model = apply_lora(model, cfg, lora_blocks(cfg, n, plan.deepest_layer))
+    gen = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():  # a non-zero adapter, so h != h0 and every loss term is exercised
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    vocab = model.get_input_embeddings().weight.shape[0]
+    half = args.seq // 2
+    batches = [synthetic_batch(vocab, args.batch, half, args.seq - half, gen) for _ in range(3)]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    computer = StepComputer(cfg, model, plan)
+    rss_before = _peak_rss_gb()
+    times, losses, terms = [], [], {}
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        if args.variant == "naive":
+            loss, terms = naive_step(model, cfg, plan, *batches)
+        else:
+            loss, metrics = computer(*batches, micro_step=0, optimizer_step=0)
+            terms = {k: v for k, v in metrics.items() if k in ("train/loss_b", "train/loss_h", "train/loss_kl")}
+        loss.backward()
+        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in trainable]))
+        for p in trainable:  # no optimizer step: every step sees the same weights, so losses repeat exactly
+            p.grad = None
+        elapsed = time.perf_counter() - start
+        if i >= args.warmup:
+            times.append(elapsed)
+        losses.append(float(loss))
+    s_per_step = sum(times) / len(times)
+    return {"variant": args.variant, "seconds_per_step": round(s_per_step, 4),
+            "tokens_per_step": tokens, "tokens_per_s": round(tokens / s_per_step, 2),
+            "peak_rss_gb": round(_peak_rss_gb(), 3), "rss_before_steps_gb": round(rss_before, 3),
+            "loss": losses[-1], "terms": terms, "grad_norm": grad_norm, "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.seq < 4 or args.batch < 1 or args.steps < 1:
+        print("error: --seq must be >= 4, --batch and --steps >= 1", file=sys.stderr)
+        return 2
+    if args.variant != "both":
+        print(json.dumps(run_variant(args)))
+        return 0
+    results = {}
+    base = _strip_options(list(argv if argv is not None else sys.argv[1:]), ("--variant", "--out"))
+    for variant in ("naive", "project"):
+        cmd = [sys.executable, "-m", "crl_ray.bench", "step", *base, "--variant", variant]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"error: the {variant} step failed:\n{proc.stderr[-4000:]}", file=sys.stderr)
+            return 1
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    naive, project = results["naive"], results["project"]
+    rel = abs(project["loss"] - naive["loss"]) / max(abs(naive["loss"]), 1e-12)
+    summary = {
+        "model": args.model, "batch": args.batch, "seq": args.seq, "lora_r": args.lora_r, "loss_kind": args.loss,
+        "naive": naive, "project": project,
+        "speedup_tokens_per_s": round(project["tokens_per_s"] / naive["tokens_per_s"], 3),
+        "peak_memory_ratio": round(project["peak_rss_gb"] / naive["peak_rss_gb"], 3),
+        "loss_rel_diff": rel,
+        "targets": {"speedup_min": 1.5, "memory_ratio_max": 0.5, "loss_rel_max": 1e-4},
+    }
+    summary["targets_met"] = (summary["speedup_tokens_per_s"] >= 1.5 and summary["peak_memory_ratio"] <= 0.5
+                              and rel <= 1e-4)
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def _strip_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """``argv`` without the options ``names`` (``--x v`` and ``--x=v`` forms)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        elif not a.startswith(tuple(n + "=" for n in names)):
+            out.append(a)
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,265 @@
+"""One micro-step of the defense: forward passes + loss for ``loss.kind`` crl, circuit_breakers or repbend.
+
+Pure torch (no Ray, no MLflow). Compared with the reference step (a frozen and a LoRA pass per batch, each through
+every block and the LM head), it does only the work the loss needs and computes the same value:
+
+- benign and harmful rows share one frozen pass and one LoRA pass (one batch of 2B rows);
+- passes used only for hidden states stop after the deepest block the loss reads, and skip the LM head;
+- the retain pass computes logits only in columns that hold a real token of some row.
+
+Data parallel: token counts, centroids and the number of KL sequences are summed over ranks (``Collectives``),
+so rank r returns its share of the *global* loss; the backward value is multiplied by the world size because
+FSDP averages gradients over ranks. With one process every collective is the identity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from crl_ray.config import SweepConfig
+from crl_ray.encoding import position_mask
+from crl_ray.losses import (
+    circuit_breaker_coefficients,
+    circuit_breaker_terms,
+    harmful_centroid,
+    kl_retain,
+    masked_norm_mean,
+    repbend_cluster,
+    triplet_terms,
+)
+from crl_ray.model import adapter_disabled, forward_hidden, logit_columns
+
+Batch = dict[str, Tensor]
+
+
+class Collectives:
+    """Sums over data-parallel ranks (identity without an initialised process group)."""
+
+    def __init__(self) -> None:
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.world_size = dist.get_world_size() if self.active else 1
+
+    def sum(self, x: Tensor) -> Tensor:
+        """Sum over ranks, no gradient."""
+        if not self.active:
+            return x
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        return x
+
+    def sum_grad(self, x: Tensor) -> Tensor:
+        """Sum over ranks, differentiable (the backward sums the upstream gradients of all ranks)."""
+        if not self.active:
+            return x
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(x)
+
+    def mean(self, x: Tensor) -> Tensor:
+        return self.sum(x) / self.world_size
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """The layer sets and pass depths of one loss kind, resolved against a model of ``num_blocks`` blocks."""
+
+    kind: str
+    num_blocks: int
+    benign_layers: tuple[int, ...] = ()
+    target_layers: tuple[int, ...] = ()
+    cb_layers: tuple[int, ...] = ()
+    unsafe_layers: tuple[int, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: SweepConfig, num_blocks: int) -> "LossPlan":
+        loss = cfg.loss
+        n = num_blocks
+        target = tuple(loss.target_layers.resolve(n))
+        if loss.benign_layers == "all":
+            benign = tuple(range(n + 1))
+        elif loss.benign_layers == "target":
+            benign = target
+        else:
+            benign = tuple(loss.benign_layers.resolve(n))
+        return cls(kind=loss.kind, num_blocks=n, benign_layers=benign, target_layers=target,
+                   cb_layers=tuple(loss.circuit_breakers.layers.resolve(n)),
+                   unsafe_layers=tuple(loss.repbend.unsafe_layers.resolve(n)))
+
+    @property
+    def deepest_layer(self) -> int:
+        """The deepest hidden state any term reads (LoRA blocks beyond it only matter through KL)."""
+        if self.kind == "crl":
+            return max(max(self.benign_layers), max(self.target_layers))
+        if self.kind == "circuit_breakers":
+            return max(self.cb_layers)
+        return max(self.unsafe_layers)
+
+    @property
+    def all_layers(self) -> tuple[int, ...]:
+        return tuple(range(self.num_blocks + 1))
+
+
+def _cat(a: Batch, b: Batch) -> Batch:
+    return {k: torch.cat([a[k], b[k]], 0) for k in a if k in b}
+
+
+def _split(hidden: tuple[Tensor, ...], n: int) -> tuple[list[Tensor], list[Tensor]]:
+    return [h[:n] for h in hidden], [h[n:] for h in hidden]
+
+
+def _tokens(*batches: Batch) -> int:
+    return int(sum(int(b["attention_mask"].sum()) for b in batches))
+
+
+class StepComputer:
+    """Computes the loss of one micro-step; owns nothing but references (model, plan, miner)."""
+
+    def __init__(self, cfg: SweepConfig, model: nn.Module, plan: LossPlan, *, miner: Any = None,
+                 collectives: Collectives | None = None):
+        self.cfg = cfg
+        self.model = model
+        self.plan = plan
+        self.miner = miner
+        self.coll = collectives or Collectives()
+
+    # -------------------------------------------------------------------------------------- passes
+    def _frozen(self, batch: Batch, depth: int, logits: Tensor | None = None):
+        with torch.no_grad(), adapter_disabled(self.model):
+            return forward_hidden(self.model, batch, depth, logits_positions=logits)
+
+    def _lora(self, batch: Batch, depth: int, logits: Tensor | None = None):
+        return forward_hidden(self.model, batch, depth, logits_positions=logits)
+
+    def _kl(self, retain: Batch) -> tuple[Tensor, Tensor]:
+        """(KL term, number of retain sequences over all ranks); frozen and LoRA logits at real-token columns."""
+        cols = logit_columns(retain["attention_mask"])
+        n = self.plan.num_blocks
+        _, z0 = self._frozen(retain, n, cols)
+        _, z = self._lora(retain, n, cols)
+        seqs = self.coll.sum(torch.tensor(float(retain["input_ids"].shape[0])))
+        kl = kl_retain(z0, z, retain["attention_mask"][:, cols], self.cfg.loss.kl_temperature, num_sequences=seqs)
+        return kl, seqs
+
+    def _global_count(self, mask: Tensor) -> Tensor:
+        return self.coll.sum(mask.float().sum()).clamp_min(1.0)
+
+    # -------------------------------------------------------------------------------------- kinds
+    def __call__(self, benign: Batch, harmful: Batch, retain: Batch, *, micro_step: int,
+                 optimizer_step: int) -> tuple[Tensor, dict[str, float]]:
+        """(value to backpropagate, metrics); the value is this rank's share of the loss times the world size."""
+        if self.plan.kind == "crl":
+            local, metrics = self._crl(benign, harmful, retain, micro_step)
+        elif self.plan.kind == "circuit_breakers":
+            local, metrics = self._circuit_breakers(benign, harmful, retain, optimizer_step)
+        else:
+            local, metrics = self._repbend(benign, harmful, retain)
+        metrics["tokens"] = float(self.coll.sum(torch.tensor(float(_tokens(benign, harmful, retain)))))
+        return local * self.coll.world_size, metrics
+
+    def _crl(self, benign: Batch, harmful: Batch, retain: Batch, micro_step: int):
+        cfg, plan, loss_cfg = self.cfg, self.plan, self.cfg.loss
+        depth = plan.deepest_layer
+        nb = benign["input_ids"].shape[0]
+        metrics: dict[str, float] = {}
+
+        h0, _ = self._frozen(_cat(benign, harmful), depth)
+        h0_b, h0_h = _split(h0, nb)
+
+        use_attack, soft_mask, harmful_in = False, None, harmful
+        if self.miner is not None:
+            metrics.update(self.miner.step(micro_step, harmful))
+            use_attack = self.miner.draw_use()
+            metrics["mining/used"] = float(use_attack)
+            if use_attack:
+                harmful_in, harmful_soft = self.miner.prepare(harmful)
+                if harmful_soft is not None:
+                    soft_mask = torch.cat([torch.zeros_like(benign["attention_mask"], dtype=torch.bool),
+                                           harmful_soft], 0)
+        both = _cat(benign, harmful_in)
+        if use_attack:
+            with self.miner.applied(slice(nb, both["input_ids"].shape[0]), soft_mask):
+                h, _ = self._lora(both, depth)
+        else:
+            h, _ = self._lora(both, depth)
+        h_b, h_h = _split(h, nb)
+
+        mb = position_mask(benign, loss_cfg.benign_mask, loss_cfg.first_k)
+        mh = position_mask(harmful_in, loss_cfg.harmful_mask, loss_cfg.first_k)
+        count_b, count_h = self._global_count(mb), self._global_count(mh)
+        centroids = {}
+        for layer in sorted(set(plan.benign_layers) | set(plan.target_layers)):
+            local_sum = (h_h[layer].float() * mh.unsqueeze(-1)).sum(dim=(0, 1))
+            centroids[layer] = self.coll.sum_grad(local_sum) / count_h
+        loss_b, loss_h, diag = triplet_terms(
+            h_b, h0_b, mb, h_h, h0_h, mh,
+            benign_layers=list(plan.benign_layers), harmful_layers=list(plan.target_layers),
+            margin_benign=loss_cfg.margin_benign, margin_harmful=loss_cfg.margin_harmful,
+            dist_benign_pos=loss_cfg.dist_benign_pos, dist_benign_neg=loss_cfg.dist_benign_neg,
+            dist_harmful_pos=loss_cfg.dist_harmful_pos, dist_harmful_neg=loss_cfg.dist_harmful_neg,
+            return_diagnostics=True, centroids=centroids, benign_count=count_b, harmful_count=count_h)
+        loss_kl, _ = self._kl(retain)
+        local = loss_cfg.alpha * loss_b + loss_cfg.beta * loss_h + loss_cfg.gamma * loss_kl
+        terms = {"loss": local, "loss_b": loss_b, "loss_h": loss_h, "loss_kl": loss_kl}
+        metrics.update({f"train/{k}": float(self.coll.sum(v.detach().float())) for k, v in terms.items()})
+        metrics.update({k: float(self.coll.mean(torch.tensor(v))) for k, v in diag.items()})
+        return local, metrics
+
+    def _circuit_breakers(self, benign: Batch, harmful: Batch, retain: Batch, optimizer_step: int):
+        cb = self.cfg.loss.circuit_breakers
+        plan = self.plan
+        keep = _cat(benign, retain)  # both are safe behaviour: the reference's retain set holds both kinds
+        n = plan.num_blocks
+        h0_r, _ = self._frozen(keep, n)
+        h0_h, _ = self._frozen(harmful, plan.deepest_layer)
+        h_r, _ = self._lora(keep, n)
+        h_h, _ = self._lora(harmful, plan.deepest_layer)
+        mr = keep["attention_mask"].float()
+        mh = position_mask(harmful, cb.mask, self.cfg.loss.first_k)
+        loss_retain, loss_cb = circuit_breaker_terms(
+            h_r, h0_r, mr, h_h, h0_h, mh, retain_layers=list(plan.all_layers), cb_layers=list(plan.cb_layers),
+            retain_count=self._global_count(mr), harmful_count=self._global_count(mh))
+        c_r, c_cb = circuit_breaker_coefficients(optimizer_step, self.cfg.train.steps, cb.alpha)
+        local = c_r * loss_retain + c_cb * loss_cb
+        terms = {"loss": local, "loss_retain": loss_retain, "loss_cb": loss_cb}
+        metrics = {f"train/{k}": float(self.coll.sum(v.detach().float())) for k, v in terms.items()}
+        metrics.update({"train/coef_retain": c_r, "train/coef_cb": c_cb})
+        return local, metrics
+
+    def _repbend(self, benign: Batch, harmful: Batch, retain: Batch):
+        rb = self.cfg.loss.repbend
+        plan = self.plan
+        n = plan.num_blocks
+        mask_mode = self.cfg.loss.harmful_mask
+        h0_s, _ = self._frozen(benign, n)
+        h0_u, _ = self._frozen(harmful, plan.deepest_layer)
+        h_s, _ = self._lora(benign, n)
+        h_u, _ = self._lora(harmful, plan.deepest_layer)
+        ms = position_mask(benign, mask_mode, self.cfg.loss.first_k)
+        mu = position_mask(harmful, mask_mode, self.cfg.loss.first_k)
+        safe = masked_norm_mean(h_s, h0_s, ms, list(plan.all_layers), self._global_count(ms))
+        unsafe = masked_norm_mean(h_u, h0_u, mu, list(plan.unsafe_layers), self._global_count(mu))
+        # pairs within this rank's batch; averaged over ranks
+        cluster = repbend_cluster(h_u, position_mask(harmful, "request_last"), list(plan.unsafe_layers))
+        cluster = cluster / self.coll.world_size
+        loss_kl, _ = self._kl(retain)
+        local = rb.alpha * safe - rb.beta * unsafe + rb.gamma * cluster + rb.epsilon * loss_kl
+        terms = {"loss": local, "loss_safe": safe, "loss_unsafe": unsafe, "loss_cluster": cluster,
+                 "loss_kl": loss_kl}
+        metrics = {f"train/{k}": float(self.coll.sum(v.detach().float())) for k, v in terms.items()}
+        return local, metrics
+
+
+def finite_or_raise(metrics: dict[str, float], step: int) -> None:
+    """Stop a run whose loss is NaN/inf: a sweep records it as failed with this reason."""
+    bad = {k: v for k, v in metrics.items() if k.startswith("train/loss") and not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"non-finite loss at optimizer step {step}: {bad}; lower train.lr or the margins")
+
+
+__all__ = ["Collectives", "LossPlan", "StepComputer", "finite_or_raise", "harmful_centroid"]

@@ -1,0 +1,405 @@
+"""The training job of one sweep trial: a Ray Train V2 ``TorchTrainer`` whose workers run the defense.
+
+Per worker: load the base model, add LoRA on the configured blocks, shard it with FSDP2 (``fully_shard`` per
+decoder block, then the root; gloo on CPU, nccl + bf16 mixed precision on GPU), build the CRL data (from the
+generation cache the driver filled), then loop: micro-steps of :class:`crl_ray.step.StepComputer` (and the miner),
+gradient accumulation, AdamW, ``ray.train.report`` every ``log_every`` steps, a ``torch.distributed.checkpoint``
+checkpoint every ``checkpoint_every`` steps and at the end. A restarted worker group continues from the last
+checkpoint; the final checkpoint holds the adapter in peft format (``adapter/``), written by rank 0.
+
+``resources.num_workers: 0`` runs the same loop in-process (Ray Train local mode), for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from crl_ray.config import SweepConfig, dump_config
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+DATA_GROUPS = ("benign", "harmful", "retain")
+ADAPTER_DIR = "adapter"
+CHECKPOINT_PREFIX = "checkpoint_step"
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished (segment of a) training run left behind."""
+
+    adapter_dir: Path
+    checkpoint_dir: Path
+    metrics: dict[str, float]
+    step: int
+
+
+# ============================================================================================ data sampling
+def micro_batch(ds: Any, micro_index: int, *, rank: int, world_size: int, micro_batch_size: int,
+                seed: int) -> dict[str, torch.Tensor]:
+    """Rows of one rank's micro-batch: global micro-batch ``micro_index`` of a seeded per-epoch shuffle.
+
+    The global micro-batch is ``world_size * micro_batch_size`` consecutive rows of the shuffled order; rank r takes
+    the r-th contiguous slice, so 1 worker with batch 2B and 2 workers with batch B see the same global batch.
+    """
+    n = len(ds)
+    global_size = world_size * micro_batch_size
+    start = micro_index * global_size + rank * micro_batch_size
+    rows = []
+    for offset in range(start, start + micro_batch_size):
+        epoch, pos = divmod(offset, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        rows.append(int(perm[pos]))
+    return ds[rows]
+
+
+# ============================================================================================ the worker
+class Worker:
+    """State of one training worker (model, optimizer, miner, data) and its loop."""
+
+    def __init__(self, cfg: SweepConfig, *, until_step: int, data_dir: Path, local_dir: Path | None):
+        from crl_ray.model import seed_everything
+
+        self.cfg = cfg
+        self.data_dir = data_dir
+        self.until_step = until_step
+        self.local_dir = local_dir  # local mode: where checkpoints live (Ray does not persist them)
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.device = self._device()
+        seed_everything(cfg.train.seed)  # identical LoRA init on every rank
+        self._build_model()
+        self._build_data()
+        self._build_optimizer()
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------ setup
+    def _device(self) -> torch.device:
+        if self.cfg.resources.use_gpu:
+            if not torch.cuda.is_available():
+                raise RuntimeError("resources.use_gpu is true but this worker sees no CUDA device")
+            import ray.train.torch
+
+            device = ray.train.torch.get_device()
+            torch.cuda.set_device(device)
+            return device
+        return torch.device("cpu")
+
+    def _build_model(self) -> None:
+        from crl_ray.data import load_model_and_tokenizer
+        from crl_ray.mining import Miner, template_suffix_length
+        from crl_ray.model import apply_lora, decoder_layers, lora_blocks, num_blocks
+        from crl_ray.step import Collectives, LossPlan, StepComputer
+
+        cfg = self.cfg
+        model, self.tokenizer = load_model_and_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.dtype)
+        n = num_blocks(model)
+        self.plan = LossPlan.from_config(cfg, n)
+        self.blocks = lora_blocks(cfg, n, self.plan.deepest_layer)
+        model = apply_lora(model, cfg, self.blocks)
+        model.to(self.device)
+        self.sharded = self.distributed
+        if self.sharded:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mesh = init_device_mesh(self.device.type, (self.world_size,))
+            mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if self.device.type == "cuda" else MixedPrecisionPolicy())
+            hf_model = model.get_base_model()
+            for layer in decoder_layers(model):
+                fully_shard(layer, mesh=mesh, mp_policy=mp)
+            fully_shard(hf_model, mesh=mesh, mp_policy=mp)
+            self.fsdp_root = hf_model
+        model.train()
+        # FSDP2 fixes its mixed-precision casts on the first forward from which params need grads: that forward
+        # must run with the adapter enabled (under disable_adapter no param needs a grad; docs/LOG.md).
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 4), dtype=torch.long, device=self.device), logits_to_keep=1)
+        if self.sharded:
+            self.fsdp_root.reshard()
+        self.model = model
+        self.trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.collectives = Collectives()
+        miner = None
+        if cfg.mining.enabled:
+            from crl_ray.encoding import pad_id
+
+            placeholder = self.tokenizer("!", add_special_tokens=False)["input_ids"]
+            miner = Miner(cfg.mining, model, seed=cfg.train.seed + 17, reduce_mean=self.collectives.mean,
+                          suffix_len=template_suffix_length(self.tokenizer),
+                          request_len=cfg.data.max_request_tokens,
+                          placeholder_id=placeholder[0] if placeholder else pad_id(self.tokenizer))
+        self.miner = miner
+        self.computer = StepComputer(cfg, model, self.plan, miner=miner, collectives=self.collectives)
+
+    def _build_data(self) -> None:
+        import datasets
+
+        self.data = {}
+        for name in DATA_GROUPS:
+            ds = datasets.load_from_disk(str(self.data_dir / name))
+            ds.set_format("torch")
+            if len(ds) == 0:
+                raise ValueError(f"data.{name} is empty after dropping evaluation behaviours; add rows")
+            self.data[name] = ds
+
+    def _build_optimizer(self) -> None:
+        from transformers import get_scheduler
+
+        t = self.cfg.train
+        self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=t.lr, weight_decay=t.weight_decay)
+        kind = "constant_with_warmup" if t.lr_schedule == "constant" and t.warmup_steps else t.lr_schedule
+        self.scheduler = get_scheduler(kind, self.optimizer, num_warmup_steps=t.warmup_steps,
+                                       num_training_steps=t.steps)
+
+    # ------------------------------------------------------------------------------------ loop
+    def batches(self, micro_index: int) -> dict[str, dict[str, torch.Tensor]]:
+        t = self.cfg.train
+        out = {}
+        for i, (name, ds) in enumerate(self.data.items()):
+            rows = micro_batch(ds, micro_index, rank=self.rank, world_size=self.world_size,
+                               micro_batch_size=t.micro_batch_size, seed=self.cfg.data.seed + 7919 * i)
+            out[name] = {k: v.to(self.device) for k, v in rows.items()}
+        return out
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (``grad_accum`` micro-steps); returns the step's metrics (same on every rank)."""
+        from crl_ray.step import finite_or_raise
+
+        t = self.cfg.train
+        started = time.perf_counter()
+        sums: dict[str, float] = {}
+        for micro in range(t.grad_accum):
+            k = self.step * t.grad_accum + micro
+            b = self.batches(k)
+            if self.sharded:
+                self.fsdp_root.set_requires_gradient_sync(micro == t.grad_accum - 1)
+            value, metrics = self.computer(b["benign"], b["harmful"], b["retain"], micro_step=k,
+                                           optimizer_step=self.step)
+            (value / t.grad_accum).backward()
+            for key, v in metrics.items():
+                sums[key] = sums.get(key, 0.0) + v
+        metrics = {k: (v if k == "tokens" else v / t.grad_accum) for k, v in sums.items()}
+        finite_or_raise(metrics, self.step)
+        params = [p for _, p in self.trainable]
+        if t.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        metrics["train/grad_norm"] = float(norm)
+        metrics["train/lr"] = float(self.scheduler.get_last_lr()[0])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        seconds = time.perf_counter() - started
+        metrics["train/seconds_per_step"] = seconds
+        metrics["train/tokens_per_s"] = metrics.pop("tokens") / seconds
+        metrics["step"] = float(self.step)
+        return metrics
+
+    def run(self) -> None:
+        import ray.train
+
+        t = self.cfg.train
+        self.maybe_resume()
+        if self.step >= self.until_step:
+            log.info("already at step %d (until_step %d): nothing to train", self.step, self.until_step)
+        metrics: dict[str, float] = {"step": float(self.step)}
+        while self.step < self.until_step:
+            metrics = self.train_step()
+            last = self.step == self.until_step
+            if self.rank == 0 and (self.step % t.log_every == 0 or last):
+                log.info("step %d/%d loss %.4f (%.1f tok/s)", self.step, self.until_step,
+                         metrics.get("train/loss", float("nan")), metrics["train/tokens_per_s"])
+            if last or self.step % t.checkpoint_every == 0:
+                self.report(metrics, final=last)
+            elif self.step % t.log_every == 0:
+                ray.train.report(metrics)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _lora_state(self) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in self.trainable}
+
+    def save(self, directory: Path, *, final: bool) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        state = {"lora": self._lora_state(), "optim": get_optimizer_state_dict(self.model, self.optimizer)}
+        dcp.save(state, checkpoint_id=str(directory / "dcp"), no_dist=not self.distributed)
+        torch.save({"rng": torch.get_rng_state()}, directory / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            extra = {"step": self.step, "scheduler": self.scheduler.state_dict(), "world_size": self.world_size,
+                     "miner": None}
+            if self.miner is not None:
+                ms = self.miner.state_dict()
+                extra["miner"] = {"rng": ms["rng"].tolist(), "iterations_total": ms["iterations_total"]}
+            (directory / STATE_FILE).write_text(json.dumps(extra))
+        if final:
+            self.export_adapter(directory / ADAPTER_DIR)
+
+    def load(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        state = {"lora": self._lora_state(), "optim": get_optimizer_state_dict(self.model, self.optimizer)}
+        dcp.load(state, checkpoint_id=str(directory / "dcp"), no_dist=not self.distributed)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        extra = json.loads((directory / STATE_FILE).read_text())
+        self.step = int(extra["step"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        rng_file = directory / f"rng_rank{self.rank}.pt"
+        if rng_file.exists():
+            torch.set_rng_state(torch.load(rng_file)["rng"])
+        if self.miner is not None and extra.get("miner"):
+            self.miner.load_state_dict({"rng": torch.tensor(extra["miner"]["rng"], dtype=torch.uint8),
+                                        "iterations_total": extra["miner"]["iterations_total"]})
+
+    def export_adapter(self, out: Path) -> None:
+        """The adapter in peft format (rank 0 writes; gathering the shards is a collective on every rank)."""
+        full = {}
+        for name, p in self.trainable:
+            tensor = p.detach()
+            if hasattr(tensor, "full_tensor"):
+                tensor = tensor.full_tensor()
+            full[name] = tensor.to("cpu", torch.float32).clone()
+        if self.rank == 0:
+            self.model.save_pretrained(str(out), state_dict=full)
+
+    def report(self, metrics: dict[str, float], *, final: bool) -> None:
+        import ray.train
+
+        name = f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        if self.local_dir is not None:  # local mode: Ray keeps only a reference, so write in place
+            directory = self.local_dir / name
+            directory.mkdir(parents=True, exist_ok=True)
+            self.save(directory, final=final)
+            (directory / ".complete").write_text("ok")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+            return
+        staging = Path(tempfile.mkdtemp(prefix=f"crl_ray_ckpt_{self.rank}_"))
+        try:
+            self.save(staging, final=final)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
+                             checkpoint_dir_name=name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def maybe_resume(self) -> None:
+        import ray.train
+
+        directory: Path | None = None
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                self.load(Path(d))
+                directory = Path(d)
+        elif self.local_dir is not None:
+            done = sorted(p for p in self.local_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / ".complete").exists())
+            if done:
+                directory = done[-1]
+                self.load(directory)
+        if directory is not None:
+            log.info("resumed from %s at step %d", directory, self.step)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``config`` = {"cfg": dumped SweepConfig, "until_step", "data_dir", "local_dir", ...}."""
+    package_log = logging.getLogger("crl_ray")
+    package_log.setLevel(logging.INFO)  # not the root logger: other libraries' INFO output (dill traces) is noise
+    if not package_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package_log.addHandler(handler)
+    if config.get("cache_dir"):
+        os.environ["CRL_RAY_CACHE"] = config["cache_dir"]
+    torch.set_num_threads(max(1, int(config.get("threads") or torch.get_num_threads())))
+    cfg = SweepConfig.model_validate(config["cfg"])
+    local_dir = Path(config["local_dir"]) if config.get("local_dir") else None
+    Worker(cfg, until_step=int(config["until_step"]), data_dir=Path(config["data_dir"]), local_dir=local_dir).run()
+
+
+# ============================================================================================ the driver side
+def prepare_data(cfg: SweepConfig, out: Path) -> Path:
+    """Build the encoded training sets once on the driver (answers generated once, cached) and save them to ``out``.
+
+    Workers only load them, so they neither generate nor re-tokenize.
+    """
+    from transformers import AutoTokenizer
+
+    from crl_ray.assets import cache_dir, resolve_model
+    from crl_ray.data import build_crl_data, load_model_and_tokenizer
+
+    gen_name = cfg.data.generation.model or cfg.model.name
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model.name), revision=cfg.model.revision)
+    data = build_crl_data(cfg, tokenizer, cache_dir=cache_dir() / "generations",
+                          load_generator=lambda: load_model_and_tokenizer(gen_name, cfg.model.revision))
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    for name in DATA_GROUPS:
+        getattr(data, name).save_to_disk(str(staging / name))
+    (staging / "provenance.json").write_text(json.dumps(data.provenance, indent=2, default=str))
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out
+
+
+def run_training(cfg: SweepConfig, *, run_name: str, storage_path: str | Path, callbacks: list | None = None,
+                 until_step: int | None = None) -> TrainOutcome:
+    """Train (or continue training) ``run_name`` under ``storage_path`` up to ``until_step`` (default train.steps).
+
+    Calling it again with the same name and storage resumes from the run's latest checkpoint.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from crl_ray.assets import cache_dir
+
+    until = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)
+    res = cfg.resources
+    storage = Path(storage_path).expanduser().resolve()
+    data_dir = prepare_data(cfg, storage / run_name / "data")
+    local = res.num_workers == 0
+    loop_config = {"cfg": dump_config(cfg), "until_step": until, "cache_dir": str(cache_dir()),
+                   "data_dir": str(data_dir),
+                   "local_dir": str(storage / run_name) if local else None,
+                   "threads": int(res.cpus_per_worker) if not res.use_gpu else None}
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+    scaling = ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                      resources_per_worker=None if local else per_worker)
+    run_config = ray.train.RunConfig(name=run_name, storage_path=str(storage), callbacks=callbacks or None,
+                                     failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
+                                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+                           run_config=run_config)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is not None:
+        checkpoint_dir = Path(result.checkpoint.path)
+    else:  # local mode with nothing left to train: the latest checkpoint on disk
+        done = sorted(p for p in (storage / run_name).glob(f"{CHECKPOINT_PREFIX}*") if (p / ".complete").exists())
+        if not done:
+            raise RuntimeError(f"training run {run_name!r} reported no checkpoint")
+        checkpoint_dir = done[-1]
+    state = json.loads((checkpoint_dir / STATE_FILE).read_text())
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items()
+               if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    return TrainOutcome(adapter_dir=checkpoint_dir / ADAPTER_DIR, checkpoint_dir=checkpoint_dir, metrics=metrics,
+                        step=int(state["step"]))
