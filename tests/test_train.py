@@ -1,0 +1,334 @@
+"""The training job: the efficient step equals the reference step, the worker loop, checkpoints, resume, export.
+
+Fast tests use a tiny random Llama saved to a temporary folder and Ray Train's local mode (num_workers=0);
+tests marked slow start real Ray workers (FSDP2 on gloo) or load the embedded SmolLM2 model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from crl_ray.bench.step import naive_step, synthetic_batch
+from crl_ray.config import parse_config
+from crl_ray.model import apply_lora, forward_hidden, lora_blocks, num_blocks
+from crl_ray.step import LossPlan, StepComputer
+from crl_ray.train import ADAPTER_DIR, Worker, micro_batch, prepare_data, run_training
+from helpers_tiny import tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    tok = tiny_tokenizer()
+    tiny_llama(tok, layers=4).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def make_cfg(model_dir: Path, **sections):
+    """A small sweep config on the tiny model: 8 rows per set, 32 + 16 tokens, 4 steps."""
+    cfg = {
+        "name": "t", "model": {"name": str(model_dir)},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "loss": {"kind": "crl", "margin_benign": 2.0, "margin_harmful": 3.0, "dist_benign_pos": "l2",
+                 "dist_benign_neg": "cosine", "dist_harmful_pos": "cosine", "dist_harmful_neg": "cosine"},
+        "data": {"benign": [{"source": "benign_prompts", "answer": "refusal_template", "limit": 8}],
+                 "harmful": [{"source": "advbench", "answer": "refusal_template", "limit": 8}],
+                 "retain": [{"source": "benign_prompts", "answer": "refusal_template", "limit": 8}],
+                 "max_request_tokens": 32, "max_response_tokens": 16},
+        "train": {"steps": 4, "lr": 1e-3, "micro_batch_size": 2, "grad_accum": 2, "log_every": 1,
+                  "checkpoint_every": 2},
+        "resources": {"num_workers": 0},
+        "search": {"algorithm": "none", "num_trials": 1},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return parse_config(cfg)
+
+
+def lora_model(cfg, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.name)
+    n = num_blocks(model)
+    plan = LossPlan.from_config(cfg, n)
+    model = apply_lora(model, cfg, lora_blocks(cfg, n, plan.deepest_layer))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.train(), plan
+
+
+# --------------------------------------------------------------------------------------------- the step
+def test_forward_hidden_truncated_equals_full_pass(tiny_model_dir):
+    cfg = make_cfg(tiny_model_dir)
+    model, _ = lora_model(cfg)
+    batch = synthetic_batch(300, 2, 8, 6, torch.Generator().manual_seed(0))
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], output_hidden_states=True)
+    for depth in range(1, 5):
+        hidden, logits = forward_hidden(model, batch, depth)
+        assert len(hidden) == depth + 1 and logits is None
+        for i in range(depth + 1):
+            assert_close(hidden[i], full.hidden_states[i])
+    assert model.get_base_model().config.num_hidden_layers == 4  # restored after truncation
+    cols = torch.tensor([3, 7, 13])
+    _, logits = forward_hidden(model, batch, 4, logits_positions=cols)
+    assert_close(logits, full.logits[:, cols])
+
+
+@pytest.mark.parametrize("loss", [
+    {},  # script distances, benign layers all
+    {"dist_benign_pos": "mix", "dist_benign_neg": "mix", "dist_harmful_pos": "mix", "dist_harmful_neg": "mix",
+     "margin_benign": 500.0, "margin_harmful": 1500.0, "benign_layers": "target"},
+    {"benign_mask": "response_first_k", "first_k": 3, "harmful_mask": "request_response",
+     "target_layers": [1, 2], "benign_layers": [0, 3]},
+])
+def test_project_step_equals_naive_reference_step(tiny_model_dir, loss):
+    """Same loss value and same gradients as the reference's 6 full passes (truncation and shared passes are exact)."""
+    cfg = make_cfg(tiny_model_dir, loss=loss)
+    model, plan = lora_model(cfg)
+    gen = torch.Generator().manual_seed(5)
+    batches = [synthetic_batch(300, 3, 10, 8, gen) for _ in range(3)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    naive_loss, naive_terms = naive_step(model, cfg, plan, *batches)
+    naive_loss.backward()
+    naive_grads = [p.grad.clone() for p in trainable]
+    for p in trainable:
+        p.grad = None
+    value, metrics = StepComputer(cfg, model, plan)(*batches, micro_step=0, optimizer_step=0)
+    value.backward()
+    assert_close(value, naive_loss, rtol=1e-5, atol=1e-6)
+    for key, naive_value in naive_terms.items():
+        assert math.isclose(metrics[key], naive_value, rel_tol=1e-5, abs_tol=1e-6), key
+    for g, ng in zip((p.grad for p in trainable), naive_grads):
+        assert_close(g, ng, rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batch_global_order_is_split_across_ranks():
+    """Rank r of W with batch B takes the r-th slice of the same global batch that 1 worker with W*B takes."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"x": list(range(10))}).with_format("torch")
+    one = micro_batch(ds, 3, rank=0, world_size=1, micro_batch_size=4, seed=1)["x"].tolist()
+    two = [micro_batch(ds, 3, rank=r, world_size=2, micro_batch_size=2, seed=1)["x"].tolist() for r in (0, 1)]
+    assert two[0] + two[1] == one
+    epoch0 = [micro_batch(ds, k, rank=0, world_size=1, micro_batch_size=5, seed=1)["x"].tolist() for k in (0, 1)]
+    assert sorted(epoch0[0] + epoch0[1]) == list(range(10))  # one epoch = a permutation
+
+
+# --------------------------------------------------------------------------------------------- the worker
+def build_worker(cfg, tmp_path: Path, until_step: int | None = None) -> Worker:
+    data_dir = prepare_data(cfg, tmp_path / "data")
+    return Worker(cfg, until_step=until_step or cfg.train.steps, data_dir=data_dir, local_dir=tmp_path / "run")
+
+
+def test_worker_moves_lora_and_keeps_base_weights(tiny_model_dir, tmp_path):
+    worker = build_worker(make_cfg(tiny_model_dir), tmp_path)
+    before = {k: v.detach().clone() for k, v in worker.model.named_parameters()}
+    metrics = [worker.train_step() for _ in range(2)]
+    after = dict(worker.model.named_parameters())
+    trainable = {name for name, _ in worker.trainable}
+    assert trainable and all("lora_" in name for name in trainable)
+    for name, value in before.items():
+        moved = not torch.equal(value, after[name].detach())
+        assert moved == (name in trainable), name
+    assert all(math.isfinite(m["train/loss"]) for m in metrics)
+    expected = {"train/loss", "train/loss_b", "train/loss_h", "train/loss_kl", "dist/benign_pos", "dist/benign_neg",
+                "dist/harmful_pos", "dist/harmful_neg", "train/lr", "train/tokens_per_s", "train/grad_norm"}
+    assert expected <= set(metrics[-1])
+    assert metrics[-1]["step"] == 2.0
+
+
+def test_lora_blocks_follow_config(tiny_model_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, loss={"target_layers": [1, 2], "benign_layers": "target"})
+    assert lora_blocks(cfg, 4, LossPlan.from_config(cfg, 4).deepest_layer) == [0, 1, 2]
+    cfg = make_cfg(tiny_model_dir, lora={"r": 4, "alpha": 8, "dropout": 0.0, "blocks": [3]})
+    model, _ = lora_model(cfg)
+    layers_with_lora = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_" in n}
+    assert layers_with_lora == {3}
+
+
+def test_exported_adapter_reloads_with_same_logits(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    worker = build_worker(make_cfg(tiny_model_dir), tmp_path)
+    for _ in range(2):
+        worker.train_step()
+    worker.export_adapter(tmp_path / ADAPTER_DIR)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / ADAPTER_DIR)
+    batch = synthetic_batch(300, 2, 8, 6, torch.Generator().manual_seed(0))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    worker.model.eval()
+    with torch.no_grad():
+        ours = worker.model(**inputs).logits
+        theirs = reloaded.eval()(**inputs).logits
+        with reloaded.disable_adapter():
+            base = reloaded(**inputs).logits
+    assert_close(theirs, ours)
+    assert (theirs - base).abs().max() > 1e-4  # the adapter does something
+
+
+def test_resume_continues_at_the_same_step_and_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = make_cfg(tiny_model_dir)
+    first = run_training(cfg, run_name="r", storage_path=tmp_path / "a", until_step=2)
+    assert first.step == 2 and first.checkpoint_dir.name == "checkpoint_step000002"
+    resumed = run_training(cfg, run_name="r", storage_path=tmp_path / "a")
+    straight = run_training(cfg, run_name="r", storage_path=tmp_path / "b")
+    assert resumed.step == straight.step == 4
+    a = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    b = load_file(straight.adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    assert math.isclose(resumed.metrics["train/loss"], straight.metrics["train/loss"], rel_tol=1e-5)
+    again = run_training(cfg, run_name="r", storage_path=tmp_path / "a")  # finished: nothing to redo
+    assert again.step == 4 and again.checkpoint_dir == resumed.checkpoint_dir
+
+
+def test_schedule_and_weight_decay_change_training(tiny_model_dir, tmp_path):
+    base = build_worker(make_cfg(tiny_model_dir), tmp_path / "a")
+    lrs = [base.train_step()["train/lr"] for _ in range(2)]
+    assert lrs == [1e-3, 1e-3]
+    linear = build_worker(make_cfg(tiny_model_dir, train={"lr_schedule": "linear", "warmup_steps": 2}), tmp_path / "b")
+    lrs = [linear.train_step()["train/lr"] for _ in range(3)]
+    assert lrs[0] == 0.0 and math.isclose(lrs[1], 5e-4) and math.isclose(lrs[2], 1e-3)
+
+
+def test_nan_loss_stops_training_with_a_reason(tiny_model_dir, tmp_path, monkeypatch):
+    worker = build_worker(make_cfg(tiny_model_dir), tmp_path)
+    original = worker.computer.__call__
+
+    def poisoned(*args, **kwargs):
+        value, metrics = original(*args, **kwargs)
+        metrics["train/loss"] = float("nan")
+        return value, metrics
+
+    monkeypatch.setattr(worker, "computer", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        worker.train_step()
+
+
+@pytest.mark.parametrize("kind, terms", [
+    ("circuit_breakers", {"train/loss_retain", "train/loss_cb", "train/coef_retain", "train/coef_cb"}),
+    ("repbend", {"train/loss_safe", "train/loss_unsafe", "train/loss_cluster", "train/loss_kl"}),
+])
+def test_baseline_loss_kinds_train(tiny_model_dir, tmp_path, kind, terms):
+    loss = {"kind": kind, kind: ({"alpha": 10.0, "layers": [1, 3]} if kind == "circuit_breakers"
+                                  else {"unsafe_layers": [2, 3]})}
+    worker = build_worker(make_cfg(tiny_model_dir, loss=loss), tmp_path)
+    m = [worker.train_step() for _ in range(2)]
+    assert terms <= set(m[0]) and all(math.isfinite(x["train/loss"]) for x in m)
+    if kind == "circuit_breakers":  # c_r = 10 t/(2*4), c_cb = 10 (1 - t/8) at optimizer step t = 0, 1
+        assert (m[0]["train/coef_retain"], m[1]["train/coef_retain"]) == (0.0, 1.25)
+        assert (m[0]["train/coef_cb"], m[1]["train/coef_cb"]) == (10.0, 8.75)
+        assert m[0]["train/loss_retain"] == 0.0  # LoRA starts as the identity
+        assert math.isclose(m[0]["train/loss"], 10.0 * m[0]["train/loss_cb"], rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["latent", "embedding"])
+def test_worker_with_mining_reports_attack_metrics(tiny_model_dir, tmp_path, kind):
+    mining = {"enabled": True, "kind": kind, "period": 3, "init_iterations": 4, "refresh_iterations": 1,
+              "patience": 2, "use_prob": 1.0, "gate": 1000.0, "block_high": 2, "soft_prompt_tokens": 3}
+    worker = build_worker(make_cfg(tiny_model_dir, mining=mining), tmp_path)
+    m = worker.train_step()
+    assert m["mining/used"] == 1.0 and math.isfinite(m["mining/attack_loss"])
+    assert m["mining/iterations"] == (4 + 1) / 2  # fresh at micro-step 0 (4 iterations), refresh at 1
+    assert worker.miner.iterations_total == 5
+
+
+# --------------------------------------------------------------------------------------------- Ray workers
+@pytest.fixture()
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_two_fsdp_workers_match_one_worker_and_resume(tiny_model_dir, tmp_path, ray_cluster):
+    """2 gloo workers x batch 1 = 1 process x batch 2: same first-step loss; a second call resumes at its step."""
+    mining = {"enabled": True, "kind": "latent", "period": 4, "init_iterations": 3, "refresh_iterations": 1,
+              "patience": 2, "use_prob": 0.5, "gate": 1000.0, "block_high": 2}
+    one = make_cfg(tiny_model_dir, train={"steps": 1, "micro_batch_size": 2, "grad_accum": 1})
+    two = make_cfg(tiny_model_dir, train={"steps": 1, "micro_batch_size": 1, "grad_accum": 1},
+                   resources={"num_workers": 2, "cpus_per_worker": 1})
+    local = run_training(one, run_name="one", storage_path=tmp_path)
+    dist = run_training(two, run_name="two", storage_path=tmp_path)
+    assert math.isclose(dist.metrics["train/loss"], local.metrics["train/loss"], rel_tol=1e-5)
+    assert math.isclose(dist.metrics["train/grad_norm"], local.metrics["train/grad_norm"], rel_tol=1e-4)
+
+    mined = make_cfg(tiny_model_dir, mining=mining, train={"steps": 3, "micro_batch_size": 1, "grad_accum": 2,
+                                                            "checkpoint_every": 1},
+                     resources={"num_workers": 2, "cpus_per_worker": 1})
+    part = run_training(mined, run_name="mined", storage_path=tmp_path, until_step=2)
+    assert part.step == 2 and "mining/attack_loss" in part.metrics
+    rest = run_training(mined, run_name="mined", storage_path=tmp_path)
+    assert rest.step == 3 and (rest.adapter_dir / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_training_pushes_harmful_representations_away(tmp_path):
+    """On the embedded model with the paper's loss (mix distances, margins 500/1500) and the smoke sweep's data
+    (generated compliant answers as harmful, benign answers and refusals as benign): after a short run, harmful
+    target-layer states move away from the original (cosine to h0 falls) far more than benign ones."""
+    import torch.nn.functional as F
+    import yaml
+
+    from crl_ray.assets import is_cached
+    from crl_ray.model import adapter_disabled
+
+    if not is_cached("smollm2-135m-instruct"):
+        pytest.skip("embedded model not fetched (python -m crl_ray.assets fetch)")
+    smoke = yaml.safe_load((Path(__file__).parents[1] / "sweeps" / "smoke.yaml").read_text())
+    layers = [18, 22]
+    cfg = make_cfg(Path("."), model={"name": "embedded:smollm2-135m-instruct"}, data=smoke["data"],
+                   lora={"r": 8, "alpha": 16, "dropout": 0.0},
+                   loss={"target_layers": layers, "benign_layers": "target", "margin_benign": 500.0,
+                         "margin_harmful": 1500.0, "dist_benign_pos": "mix", "dist_benign_neg": "mix",
+                         "dist_harmful_pos": "mix", "dist_harmful_neg": "mix"},
+                   train={"steps": 14, "lr": 1e-3, "micro_batch_size": 2, "grad_accum": 1, "checkpoint_every": 100})
+    worker = build_worker(cfg, tmp_path)
+
+    def cosines() -> tuple[float, float]:
+        out = []
+        with torch.no_grad():
+            for name in ("harmful", "benign"):
+                batch = {k: v for k, v in worker.data[name][:8].items()}
+                mask = batch["response_mask"].float()
+                h, _ = forward_hidden(worker.model, batch, max(layers))
+                with adapter_disabled(worker.model):
+                    h0, _ = forward_hidden(worker.model, batch, max(layers))
+                cos = sum((F.cosine_similarity(h[l], h0[l], dim=-1) * mask).sum() / mask.sum() for l in layers)
+                out.append(float(cos) / len(layers))
+        return out[0], out[1]
+
+    worker.model.eval()
+    harmful_before, benign_before = cosines()
+    worker.model.train()
+    for _ in range(cfg.train.steps):
+        worker.train_step()
+    worker.model.eval()
+    harmful_after, benign_after = cosines()
+    assert harmful_before > 0.9999 and benign_before > 0.9999  # LoRA starts as the identity
+    # measured 2026-11-27 after 12 steps: harmful 0.985, benign 0.9988
+    assert harmful_after < 0.995, harmful_after
+    assert (1 - benign_after) * 4 < 1 - harmful_after, (benign_after, harmful_after)
