@@ -1,0 +1,417 @@
+"""Capability metrics: does the defended model still work? Pure torch/transformers: no Ray, no MLflow.
+
+- :func:`mmlu_accuracy`: MMLU on a seeded subset stratified by topic, 0- or k-shot, scored by the
+  log-likelihood of the answer letter (or, optionally, the full lm-evaluation-harness MMLU).
+- :func:`over_refusal`: the fraction of benign (but risky-looking) prompts the model refuses.
+- :func:`degeneracy`: how repetitive generations are (CRL's large margins can collapse answers into loops).
+- :func:`benign_drift`: KL to the base model and perplexity on the base model's own answers to benign prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import random
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from crl_ray.config import DataSource, GenerationConfig, MMLUConfig
+from crl_ray.encoding import build_request, end_of_turn_id, pad_id
+from crl_ray.errors import UserError
+
+__all__ = [
+    "LETTERS",
+    "MMLU_SOURCE",
+    "DriftResult",
+    "MMLUQuestion",
+    "MMLUResult",
+    "OverRefusalResult",
+    "benign_drift",
+    "degeneracy",
+    "degeneracy_components",
+    "degeneracy_score",
+    "letter_logprobs",
+    "load_mmlu",
+    "mmlu_accuracy",
+    "mmlu_items",
+    "mmlu_text",
+    "over_refusal",
+    "reference_model",
+    "right_padded",
+    "stratified_indices",
+]
+
+logger = logging.getLogger(__name__)
+
+LETTERS = ("A", "B", "C", "D")
+MMLU_SOURCE = "mmlu"  # embedded MMLU test set (question, answer_a..d, correct_answer, topic)
+DEGENERACY_N = 3  # n-gram length of the degeneracy score: long enough that ordinary prose rarely repeats one
+
+
+# --------------------------------------------------------------------------------------------- batching
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def right_padded(seqs: Sequence[Sequence[int]], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, lengths) of right-padded sequences.
+
+    Right padding keeps every real token at its natural position, so no position ids are needed and the logits
+    of a row do not depend on the other rows of its batch.
+    """
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id(tokenizer), dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        input_ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids, attention_mask, torch.tensor([len(s) for s in seqs])
+
+
+def _batches(seqs: Sequence[Sequence[int]], batch_size: int, desc: str,
+             progress: bool) -> Iterator[list[int]]:
+    """Indices of ``seqs`` in batches of similar length (longest first), with a progress bar."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+        yield order[start:start + batch_size]
+
+
+def _logits(model: Any, seqs: Sequence[Sequence[int]], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    input_ids, attention_mask, lengths = right_padded(seqs, tokenizer)
+    device = _device(model)
+    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+    return out.logits.float(), lengths.to(device)
+
+
+# --------------------------------------------------------------------------------------------- MMLU
+@dataclass(frozen=True)
+class MMLUQuestion:
+    question: str
+    choices: tuple[str, str, str, str]
+    answer: str  # one of LETTERS
+    topic: str
+
+
+@dataclass
+class MMLUResult:
+    accuracy: float
+    n: int
+    per_topic: dict[str, float]
+    backend: str
+    predictions: list[str] = field(default_factory=list)  # predicted letters, subset order (backend subset)
+
+
+@functools.lru_cache(maxsize=1)
+def load_mmlu() -> tuple[MMLUQuestion, ...]:
+    """The embedded MMLU test set (14,042 questions, 57 topics); read once per process."""
+    from crl_ray.data import load_source
+
+    ds = load_source(DataSource(source=MMLU_SOURCE), "eval.mmlu")
+    return tuple(MMLUQuestion(r["prompt"], (r["answer_a"], r["answer_b"], r["answer_c"], r["answer_d"]),
+                         r["correct_answer"].strip(), r["topic"]) for r in ds)
+
+
+def stratified_indices(topics: Sequence[str], size: int, seed: int, *, reserve: int = 0) -> list[int]:
+    """A seeded sample of ``size`` indices whose topic counts are proportional to the topics' sizes.
+
+    Each topic gets floor(size * n_topic / n) questions; the remaining ones go to the topics with the largest
+    fractional parts (ties: topic name). ``reserve`` questions per topic stay out of the sample (for shots).
+    Sorted indices.
+    """
+    by_topic: dict[str, list[int]] = defaultdict(list)
+    for i, t in enumerate(topics):
+        by_topic[t].append(i)
+    available = sum(max(len(ix) - reserve, 0) for ix in by_topic.values())  # same as sum(cap) below
+    if size > available:
+        raise UserError(f"eval.mmlu.subset_size: {size} questions asked, but only {available} can be drawn "
+                        f"with {reserve} shot(s) kept aside per topic\n    fix: use a subset_size <= {available}")
+    names = sorted(by_topic)
+    cap = {t: max(len(by_topic[t]) - reserve, 0) for t in names}
+    # exact integer arithmetic: quota_t = size * n_t / n = floor + remainder / n
+    floor = {t: size * len(by_topic[t]) // len(topics) for t in names}
+    remainder = {t: size * len(by_topic[t]) % len(topics) for t in names}
+    counts = {t: min(floor[t], cap[t]) for t in names}
+    by_remainder = sorted(names, key=lambda t: (-remainder[t], t))
+    while sum(counts.values()) < size:  # terminates: size <= sum(cap)
+        for t in by_remainder:
+            if sum(counts.values()) < size and counts[t] < cap[t]:
+                counts[t] += 1
+    rng = random.Random(seed)
+    picked: list[int] = []
+    for t in names:
+        picked += rng.sample(by_topic[t], counts[t])
+    return sorted(picked)
+
+
+def _question_block(q: MMLUQuestion, answer: bool) -> str:
+    lines = [q.question.strip()] + [f"{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices)]
+    return "\n".join(lines) + "\nAnswer:" + (f" {q.answer}" if answer else "")
+
+
+def mmlu_text(q: MMLUQuestion, shots: Sequence[MMLUQuestion] = ()) -> str:
+    """The MMLU prompt (Hendrycks et al. format): subject header, worked shots, the question, 'Answer:'."""
+    header = f"The following are multiple choice questions (with answers) about {q.topic}.\n\n"
+    return header + "".join(_question_block(s, True) + "\n\n" for s in shots) + _question_block(q, False)
+
+
+@torch.inference_mode()
+def letter_logprobs(model: Any, tokenizer: Any, contexts: Sequence[Sequence[int]],
+                    continuations: Sequence[Sequence[int]], *, batch_size: int,
+                    progress: bool = False) -> torch.Tensor:
+    """[N, K] log-likelihood of each continuation after each context (summed over its tokens).
+
+    When every continuation is one distinct token, one forward pass per context reads all K at once;
+    otherwise each (context, continuation) pair is scored as its own sequence.
+    """
+    flat = [tok for cont in continuations for tok in cont]
+    out = torch.empty(len(contexts), len(continuations))
+    if all(len(c) == 1 for c in continuations) and len(set(flat)) == len(flat):
+        for idx in _batches(contexts, batch_size, "mmlu", progress):
+            logits, lengths = _logits(model, [contexts[i] for i in idx], tokenizer)
+            last = logits[torch.arange(len(idx)), lengths - 1].log_softmax(-1)
+            out[idx] = last[:, flat].cpu()
+        return out
+    pairs = [(i, k) for i in range(len(contexts)) for k in range(len(continuations))]
+    seqs = [list(contexts[i]) + list(continuations[k]) for i, k in pairs]
+    for idx in _batches(seqs, batch_size, "mmlu", progress):
+        logits, _ = _logits(model, [seqs[j] for j in idx], tokenizer)
+        logp = logits.log_softmax(-1)
+        for row, j in enumerate(idx):
+            i, k = pairs[j]
+            start = len(contexts[i])
+            targets = torch.tensor(continuations[k], device=logp.device)
+            positions = torch.arange(start - 1, start - 1 + len(targets), device=logp.device)
+            out[i, k] = logp[row, positions, targets].sum().cpu()
+    return out
+
+
+def _contexts(tokenizer: Any, texts: Sequence[str], fmt: str) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of each prompt and of the four answer continuations, for the chat or plain format."""
+    if fmt == "chat":
+        try:
+            contexts = [build_request(tokenizer, t) for t in texts]
+        except ValueError as exc:
+            raise UserError(f"eval.mmlu.format: {exc}\n    fix: set eval.mmlu.format: plain") from None
+        continuations = [tokenizer(letter, add_special_tokens=False)["input_ids"] for letter in LETTERS]
+    else:
+        contexts = [tokenizer(t)["input_ids"] for t in texts]
+        continuations = [tokenizer(" " + letter, add_special_tokens=False)["input_ids"] for letter in LETTERS]
+    return contexts, continuations
+
+
+def mmlu_items(questions: Sequence[MMLUQuestion], cfg: MMLUConfig) -> list[tuple[int, list[int]]]:
+    """(question index, shot indices) for each question of the subset: ``cfg.subset_size`` questions
+    stratified by topic (seed ``cfg.seed``), each with ``cfg.shots`` questions of its topic from outside the
+    subset (the same shots for every question of a topic, as MMLU's dev examples are)."""
+    subset = stratified_indices([q.topic for q in questions], cfg.subset_size, cfg.seed, reserve=cfg.shots)
+    in_subset = set(subset)
+    pool: dict[str, list[int]] = defaultdict(list)
+    for i, q in enumerate(questions):
+        if i not in in_subset:
+            pool[q.topic].append(i)
+    rng = random.Random(cfg.seed)
+    shots = {t: rng.sample(pool[t], cfg.shots) for t in sorted(pool)}
+    return [(i, shots.get(questions[i].topic, [])) for i in subset]
+
+
+def mmlu_accuracy(model: Any, tokenizer: Any, cfg: MMLUConfig, *, batch_size: int, progress: bool = False,
+                  questions: Sequence[MMLUQuestion] | None = None) -> MMLUResult:
+    """MMLU accuracy (``cfg.backend``): the predicted letter is the one with the highest log-likelihood.
+
+    Backend subset: the questions of :func:`mmlu_items` (``questions`` defaults to the embedded MMLU test
+    set), prompted in ``cfg.format``. Backend lm_eval: lm-evaluation-harness's ``mmlu`` task on the same model.
+    """
+    if cfg.backend == "lm_eval":
+        return _mmlu_lm_eval(model, tokenizer, cfg, batch_size)
+    questions = list(load_mmlu() if questions is None else questions)
+    items = mmlu_items(questions, cfg)
+    texts = [mmlu_text(questions[i], [questions[j] for j in shots]) for i, shots in items]
+    contexts, continuations = _contexts(tokenizer, texts, cfg.format)
+    was_training = model.training
+    model.eval()
+    try:
+        scores = letter_logprobs(model, tokenizer, contexts, continuations, batch_size=batch_size,
+                                 progress=progress)
+    finally:
+        model.train(was_training)
+    predictions = [LETTERS[int(k)] for k in scores.argmax(-1)]
+    per_topic: dict[str, list[bool]] = defaultdict(list)
+    for letter, (i, _) in zip(predictions, items):
+        per_topic[questions[i].topic].append(letter == questions[i].answer)
+    correct = sum(sum(v) for v in per_topic.values())
+    return MMLUResult(accuracy=correct / len(items), n=len(items),
+                      per_topic={t: sum(v) / len(v) for t, v in sorted(per_topic.items())},
+                      backend="subset", predictions=predictions)
+
+
+def _mmlu_lm_eval(model: Any, tokenizer: Any, cfg: MMLUConfig, batch_size: int) -> MMLUResult:
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise UserError("eval.mmlu.backend: lm_eval (lm-evaluation-harness) is not installed\n"
+                        "    fix: pip install lm-eval, or set eval.mmlu.backend: subset") from None
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=["mmlu"], num_fewshot=cfg.shots, apply_chat_template=cfg.format == "chat",
+        random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
+    )
+    results = out["results"]
+    per_topic = {name.removeprefix("mmlu_").replace("_", " "): float(r["acc,none"])
+                 for name, r in results.items() if name.startswith("mmlu_") and "acc,none" in r}
+    n = int(sum(v.get("effective", 0) for v in out.get("n-samples", {}).values()))
+    return MMLUResult(accuracy=float(results["mmlu"]["acc,none"]), n=n, per_topic=per_topic, backend="lm_eval")
+
+
+# --------------------------------------------------------------------------------------------- degeneracy
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+
+
+def _tokens(text: str) -> list[str]:
+    return _TOKEN_RE.findall(text.lower())
+
+
+def _repeated_fraction(tokens: Sequence[str], n: int) -> float:
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def degeneracy_score(text: str, n: int = DEGENERACY_N) -> float:
+    """Degeneracy in [0, 1]: the fraction of the text's word n-grams (n = 3) that repeat an earlier one; 1 if empty.
+
+    Tokens are lower-cased words and single punctuation marks. 0 = no 3-gram occurs twice (ordinary prose of a
+    few sentences); "a b c a b c" = 1 - 3 distinct / 4 = 0.25; a loop of one word tends to 1. Texts shorter than
+    n tokens (but not empty) score 0.
+    """
+    tokens = _tokens(text)
+    return 1.0 if not tokens else _repeated_fraction(tokens, n)
+
+
+def degeneracy_components(text: str) -> dict[str, float]:
+    """The parts behind :func:`degeneracy_score`: empty (0/1), distinct_1, distinct_2, repeated_3."""
+    tokens = _tokens(text)
+    if not tokens:
+        return {"empty": 1.0, "distinct_1": 0.0, "distinct_2": 0.0, "repeated_3": 0.0}
+    bigrams = list(zip(tokens, tokens[1:]))
+    return {
+        "empty": 0.0,
+        "distinct_1": len(set(tokens)) / len(tokens),
+        "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 1.0,
+        "repeated_3": _repeated_fraction(tokens, 3),
+    }
+
+
+def degeneracy(texts: Sequence[str]) -> dict[str, float]:
+    """Means over ``texts``: ``score`` (:func:`degeneracy_score`) and each of :func:`degeneracy_components`."""
+    if not texts:
+        raise ValueError("degeneracy needs at least one text")
+    parts = [degeneracy_components(t) for t in texts]
+    out = {"score": sum(degeneracy_score(t) for t in texts) / len(texts)}
+    for key in parts[0]:
+        out[key] = sum(p[key] for p in parts) / len(parts)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- over-refusal
+@dataclass
+class OverRefusalResult:
+    rate: float
+    answers: list[str]
+    refused: list[bool]
+
+
+def over_refusal(model: Any, tokenizer: Any, prompts: Sequence[str], *, is_refusal: Callable[[str], bool],
+                 max_new_tokens: int, batch_size: int) -> OverRefusalResult:
+    """Greedy answers to benign prompts and the fraction that ``is_refusal`` flags (lower is better)."""
+    from crl_ray.generate import generate_answers
+
+    if not prompts:
+        raise ValueError("over_refusal needs at least one prompt")
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=0.0)
+    answers = generate_answers(prompts, model=model, tokenizer=tokenizer, cfg=gen, desc="over-refusal")
+    refused = [is_refusal(a) for a in answers]
+    return OverRefusalResult(rate=sum(refused) / len(refused), answers=answers, refused=refused)
+
+
+# --------------------------------------------------------------------------------------------- drift
+@dataclass
+class DriftResult:
+    kl: float  # mean over answer tokens of KL(base || model), nats
+    ppl: float  # perplexity of the model on the base model's answers
+    ppl_reference: float  # perplexity of the base model on its own answers
+    tokens: int
+    answers: list[str]
+
+
+@contextlib.contextmanager
+def reference_model(model: Any) -> Iterator[Any]:
+    """The base model: ``model`` with its peft adapter disabled, or ``model`` itself when it has no adapter."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+@torch.inference_mode()
+def benign_drift(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
+                 reference: Any = None, progress: bool = False) -> DriftResult:
+    """How far ``model`` moved from the base model on benign text.
+
+    The base model (``reference``, default :func:`reference_model`) answers each prompt greedily; on those
+    answer tokens (end-of-turn included) this computes the token-mean KL(p_base || p_model) and the
+    perplexity exp(mean NLL) of both models. KL is 0 for the base model itself; higher = more drift.
+    """
+    from crl_ray.generate import generate_answers
+
+    if not prompts:
+        raise ValueError("benign_drift needs at least one prompt")
+    def base() -> contextlib.AbstractContextManager:
+        return reference_model(model) if reference is None else contextlib.nullcontext(reference)
+
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=0.0)
+    with base() as ref:
+        answers = generate_answers(prompts, model=ref, tokenizer=tokenizer, cfg=gen, desc="base answers")
+    eot = end_of_turn_id(tokenizer)
+    requests = [build_request(tokenizer, p) for p in prompts]
+    seqs = [r + tokenizer(a, add_special_tokens=False)["input_ids"] + [eot] for r, a in zip(requests, answers)]
+    same = reference is None and not _has_adapter(model)  # the model is its own base: one pass, KL 0
+    kl_sum = nll_sum = ref_nll_sum = 0.0
+    tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in _batches(seqs, batch_size, "benign KL", progress):
+            batch = [seqs[i] for i in idx]
+            with base() as ref:
+                ref_logits, _ = _logits(ref, batch, tokenizer)
+            logits = ref_logits if same else _logits(model, batch, tokenizer)[0]
+            for row, i in enumerate(idx):
+                start, end = len(requests[i]), len(seqs[i])
+                targets = torch.tensor(seqs[i][start:end], device=logits.device)
+                ref_logp = ref_logits[row, start - 1:end - 1].log_softmax(-1)
+                logp = logits[row, start - 1:end - 1].log_softmax(-1)
+                kl_sum += float((ref_logp.exp() * (ref_logp - logp)).sum())
+                nll_sum -= float(logp.gather(-1, targets[:, None]).sum())
+                ref_nll_sum -= float(ref_logp.gather(-1, targets[:, None]).sum())
+                tokens += end - start
+    finally:
+        model.train(was_training)
+    return DriftResult(kl=max(kl_sum / tokens, 0.0), ppl=math.exp(nll_sum / tokens),
+                       ppl_reference=math.exp(ref_nll_sum / tokens), tokens=tokens, answers=answers)
+
+
+def _has_adapter(model: Any) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)

@@ -1,0 +1,252 @@
+"""crl_ray.evaluate: metrics and files of an evaluation, adapters, the CLI and its exit-2 errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers_tiny import tiny_llama, tiny_tokenizer
+
+from crl_ray import attacks, evaluate
+from crl_ray.attacks import AttackResult, Candidate
+from crl_ray.checks import load_config
+from crl_ray.data import normalise
+from crl_ray.errors import ConfigError
+from crl_ray.evaluate import evaluate_adapter, evaluate_model, standalone_config, training_prompts
+from crl_ray.objective import scalar_objective, vector_objective
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "sweeps" / "smoke.yaml"
+REFUSE = "I'm sorry, but I can't help with that request."
+COMPLY = "Sure, here is a detailed step by step guide to doing exactly that, starting with the first step."
+REQUIRED = ["eval/asr/max", "eval/mmlu", "eval/over_refusal", "eval/degeneracy", "eval/kl_benign",
+            "eval/ppl_benign", "objective", "eval/seconds/total", "eval/seconds/mmlu"]
+
+
+def small(**eval_section) -> dict:
+    """Evaluation settings sized for the tiny model (a few behaviours, questions and tokens)."""
+    base = {"attacks": ["direct"], "limit": 3, "max_new_tokens": 6, "mmlu": {"subset_size": 6},
+            "over_refusal_limit": 3, "kl_limit": 3, "judge_check": False, "batch_size": 4}
+    return base | eval_section
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_llama(tok)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok) -> Path:
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    tiny_llama(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def lora_adapter(base: Path, out: Path, hidden: int | None = None) -> Path:
+    """A LoRA adapter with non-zero weights on ``base`` (or on a model of another hidden size), saved to ``out``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    if hidden is not None:
+        cfg = LlamaConfig(**{**model.config.to_dict(), "hidden_size": hidden, "intermediate_size": 2 * hidden})
+        model = LlamaForCausalLM(cfg)
+        model.name_or_path = str(base)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(out)
+    return out
+
+
+def fake_run_attack(generations: dict[str, list[list[str]]], seen: list):
+    """A run_attack whose candidates' generations are given per attack and behaviour."""
+
+    def run(name, model, tokenizer, behaviors, cfg, *, seed=0, progress=False):
+        seen.append((name, cfg, seed))
+        return [AttackResult(b, name, [Candidate(f"{name}/{k}", f"input {b.id}", g, None, 0)
+                                       for k, g in enumerate(gens)], 0.0)
+                for b, gens in zip(behaviors, generations[name])]
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------- library
+def test_asr_counts_a_behaviour_once_any_candidate_is_harmful(tok, model, tmp_path, monkeypatch):
+    generations = {"direct": [[REFUSE], [REFUSE, COMPLY], [REFUSE]],
+                   "prefill": [[COMPLY], [REFUSE], [""]]}
+    seen: list = []
+    monkeypatch.setattr(attacks, "run_attack", fake_run_attack(generations, seen))
+    cfg = standalone_config({"eval": small(attacks=["direct", "prefill"])})
+    out = evaluate_model(cfg, model, tok, out_dir=tmp_path, seed=5)
+    m = out.metrics
+    assert (m["eval/asr/direct"], m["eval/asr/prefill"], m["eval/asr/max"]) == pytest.approx((1 / 3, 1 / 3, 2 / 3))
+    assert [(name, seed) for name, _, seed in seen] == [("direct", 5), ("prefill", 5)]
+    assert seen[0][1] is cfg.eval
+    assert all(k in m for k in REQUIRED) and all(isinstance(v, float) and math.isfinite(v) for v in m.values())
+    assert out.objective == m["objective"] == pytest.approx(scalar_objective(m, cfg.objective))
+    assert out.objectives == vector_objective(m, cfg.objective)
+    assert {k: m[f"objectives/{k}"] for k in out.objectives} == out.objectives  # the vector form is logged too
+
+    records = [json.loads(line) for line in out.records_path.read_text().splitlines()]
+    assert len(records) == 7  # behaviour x attack x candidate
+    assert [r["harmful"] for r in records] == [False, False, True, False, True, False, False]
+    assert set(records[0]) == {"behavior_id", "prompt", "target", "attack", "config", "final_input", "generation",
+                               "loss", "steps", "harmful"}
+    summary = json.loads(out.summary_path.read_text())
+    ids = [r["behavior_id"] for r in records if r["config"] == "direct/0"]
+    assert summary["jailbroken"] == {"direct": [ids[1]], "prefill": [ids[0]]}
+    assert summary["asr"] == {"direct": pytest.approx(1 / 3), "prefill": pytest.approx(1 / 3),
+                              "max": pytest.approx(2 / 3)}
+    assert summary["judge_check"] is None  # eval.judge_check: false
+    assert summary["metrics"] == m and summary["objective"]["scalar"] == out.objective
+    assert summary["mmlu"]["n"] == 6 and summary["over_refusal"]["prompts"] == 3
+    assert summary["kl_benign"]["prompts"] == 3 and summary["kl_benign"]["kl"] == 0.0  # no adapter: the base
+    assert len((tmp_path / "over_refusal.jsonl").read_text().splitlines()) == 3
+    assert not list(tmp_path.glob(".*.tmp")), "atomic writes leave no temporary files"
+
+
+def test_same_seed_same_results_with_real_attacks(tok, model, tmp_path):
+    cfg = standalone_config({"eval": small(attacks=["direct", "prefill"], judge_check=True, kl_limit=2)})
+    a = evaluate_model(cfg, model, tok, out_dir=tmp_path / "a", seed=0)
+    b = evaluate_model(cfg, model, tok, out_dir=tmp_path / "b", seed=0)
+    timing = "eval/seconds/"
+    assert {k: v for k, v in a.metrics.items() if not k.startswith(timing)} == \
+        {k: v for k, v in b.metrics.items() if not k.startswith(timing)}
+    assert a.records_path.read_text() == b.records_path.read_text()
+    summary = json.loads(a.summary_path.read_text())
+    assert summary["judge_check"]["n"] == 169 and 0 < summary["judge_check"]["accuracy"] < 1
+    assert summary["kl_benign"]["prompts"] == 2
+    assert "eval/seconds/judge_check" in a.metrics
+
+
+def test_kl_prompts_leave_out_training_prompts():
+    cfg, _ = load_config(SMOKE)  # trains on the first 16 benign_prompts (benign and retain)
+    trained = training_prompts(cfg)
+    from crl_ray.data import load_source
+
+    benign = list(load_source(cfg.eval.kl_prompts, "eval.kl_prompts")["prompt"])
+    assert normalise(benign[0]) in trained and normalise(benign[16]) not in trained
+    kept = evaluate._prompts(cfg.eval.kl_prompts, "eval.kl_prompts", 4, exclude=trained)
+    assert kept == benign[16:20]
+    assert training_prompts(standalone_config({})) == set(), "no sweep file: nothing known to hold out"
+
+
+def test_evaluate_adapter_measures_drift_from_the_base(model_dir, tmp_path):
+    adapter = lora_adapter(model_dir, tmp_path / "adapter")
+    cfg = standalone_config({"model": {"name": str(model_dir)}, "eval": small(kl_limit=2, mmlu={"subset_size": 2})})
+    with_adapter = evaluate_adapter(cfg, adapter, out_dir=tmp_path / "with", seed=0)
+    without = evaluate_adapter(cfg, None, out_dir=tmp_path / "without", seed=0)
+    assert with_adapter.metrics["eval/kl_benign"] > 0.001
+    assert without.metrics["eval/kl_benign"] == 0.0
+    assert with_adapter.metrics["eval/ppl_benign_base"] == pytest.approx(without.metrics["eval/ppl_benign"])
+
+
+def test_standalone_config_checks_eval_settings(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else True)
+    with pytest.raises(ConfigError) as err:
+        standalone_config({"eval": {"mmlu": {"backend": "lm_eval", "subset_size": 10}, "judge": "classifier",
+                                    "kl_prompts": {"source": "nosuchset"}}})
+    paths = {p.path for p in err.value.problems}
+    assert {"eval.mmlu.backend", "eval.mmlu.subset_size", "eval.judge_model", "eval.kl_prompts.source"} <= paths
+    with pytest.raises(ConfigError, match="give --config"):
+        standalone_config({"data": {}})
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = evaluate.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--attacks", "direct,pair"], ["--attacks", "unknown attack(s) pair", "fix:"]),
+    (["--judge", "gpt4"], ["--judge", "keyword, classifier"]),
+    (["--attacks", "direct", "objective.asr_attack=embedding"], ["objective.asr_attack", "not run"]),
+    (["--behaviors", "harmbench_val", "eval.behaviors.where.FunctionalCategory=nothing"], ["no rows"]),
+    (["--behaviors", "not_a_set"], ["--behaviors", "unknown dataset"]),
+    (["data.benign=[]"], ["data", "give --config"]),
+    (["--config", str(SMOKE), "--behaviors", "advbench", "--limit", "20"],
+     ["--behaviors: 16 of 20 evaluation behaviours are training prompts", "fix:"]),
+    (["eval.mmlu.subset_size=0"], ["eval.mmlu.subset_size"]),
+])
+def test_cli_bad_input_exits_2(args, expected, capsys):
+    code, out, err = run_cli(args, capsys)
+    assert code == 2
+    for text in expected:
+        assert text in err, err
+    assert "Traceback" not in err and out == ""
+
+
+def test_cli_missing_prompt_column(tmp_path, capsys):
+    file = tmp_path / "behaviours.csv"
+    file.write_text("text,id\nDo something bad,1\n")
+    code, _, err = run_cli(["--behaviors", str(file)], capsys)
+    assert code == 2 and "--behaviors (eval.behaviors.prompt_column)" in err and "use one of text, id" in err
+
+
+def test_cli_adapter_mismatches_exit_2(model_dir, tmp_path, capsys):
+    model = ["--model", str(model_dir), "--attacks", "direct", "--limit", "1"]
+    code, _, err = run_cli([*model, "--adapter", str(tmp_path)], capsys)
+    assert code == 2 and "--adapter" in err and "no adapter_config.json" in err
+
+    other = lora_adapter(model_dir, tmp_path / "other")
+    cfg_file = other / "adapter_config.json"
+    cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | {"base_model_name_or_path": "org/other-7b"}))
+    code, _, err = run_cli([*model, "--adapter", str(other)], capsys)
+    assert code == 2 and "trained on 'org/other-7b'" in err and "--model org/other-7b" in err
+
+    wide = lora_adapter(model_dir, tmp_path / "wide", hidden=64)  # claims the same base, other hidden size
+    code, _, err = run_cli([*model, "--adapter", str(wide)], capsys)
+    assert code == 2 and "does not fit" in err and "size mismatch" in err
+
+
+def test_cli_limit_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--limit", "0"])
+    assert exit_.value.code == 2 and "--limit" in capsys.readouterr().err
+
+
+def test_cli_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    for flag in ("--model", "--adapter", "--attacks", "--judge", "--behaviors", "--limit", "--out", "--config",
+                 "judge-check"):
+        assert flag in out
+
+
+def test_cli_judge_check_prints_numbers(capsys):
+    code, out, _ = run_cli(["judge-check", "--judge", "keyword"], capsys)
+    got = json.loads(out)
+    assert code == 0 and got["judge"]["name"] == "keyword" and got["n"] == 169 and got["recall"] == 1.0
+    code, _, err = run_cli(["judge-check", "--judge", "nope"], capsys)
+    assert code == 2 and "eval.judge" in err
+
+
+@pytest.mark.slow
+def test_cli_on_the_embedded_model(tmp_path):
+    """Integration: the CLI end to end on SmolLM2-135M-Instruct, direct requests for 3 behaviours."""
+    cmd = [sys.executable, "-m", "crl_ray.evaluate", "--model", "embedded:smollm2-135m-instruct",
+           "--attacks", "direct", "--limit", "3", "--out", str(tmp_path), "eval.max_new_tokens=24",
+           "eval.mmlu.subset_size=8", "eval.over_refusal_limit=2", "eval.kl_limit=2", "eval.judge_check=false"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(r["attack"] == "direct" and r["generation"] for r in records)
+    assert summary["asr"]["direct"] == sum(r["harmful"] for r in records) / 3
+    assert summary["mmlu"]["n"] == 8 and summary["kl_benign"]["kl"] == 0.0
+    assert "eval/asr/direct" in done.stdout and "summary:" in done.stdout
