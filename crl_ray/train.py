@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 DATA_GROUPS = ("benign", "harmful", "retain")
 ADAPTER_DIR = "adapter"
+FAILED_KEY = "failed"  # reported instead of metrics when the loss became non-finite
 CHECKPOINT_PREFIX = "checkpoint_step"
 
 
@@ -223,7 +224,12 @@ class Worker:
             log.info("already at step %d (until_step %d): nothing to train", self.step, self.until_step)
         metrics: dict[str, float] = {"step": float(self.step)}
         while self.step < self.until_step:
-            metrics = self.train_step()
+            try:
+                metrics = self.train_step()
+            except FloatingPointError as exc:  # the same on every rank (global loss): retrying would repeat it
+                log.error("%s", exc)
+                ray.train.report({FAILED_KEY: str(exc), "step": float(self.step)})
+                return
             last = self.step == self.until_step
             if self.rank == 0 and (self.step % t.log_every == 0 or last):
                 log.info("step %d/%d loss %.4f (%.1f tok/s)", self.step, self.until_step,
@@ -384,13 +390,18 @@ def run_training(cfg: SweepConfig, *, run_name: str, storage_path: str | Path, c
     scaling = ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                       resources_per_worker=None if local else per_worker)
     run_config = ray.train.RunConfig(name=run_name, storage_path=str(storage), callbacks=callbacks or None,
-                                     failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
+                                     failure_config=ray.train.FailureConfig(  # every retry limit finite
+                                         max_failures=res.max_failures,
+                                         controller_failure_limit=res.max_failures,
+                                         max_preemption_failures=res.max_failures),
                                      checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
                            run_config=run_config)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    if result.metrics and FAILED_KEY in result.metrics:
+        raise FloatingPointError(result.metrics[FAILED_KEY])
     if result.checkpoint is not None:
         checkpoint_dir = Path(result.checkpoint.path)
     else:  # local mode with nothing left to train: the latest checkpoint on disk

@@ -225,6 +225,15 @@ def test_nan_loss_stops_training_with_a_reason(tiny_model_dir, tmp_path, monkeyp
         worker.train_step()
 
 
+def test_run_training_fails_once_on_a_non_finite_loss(tiny_model_dir, tmp_path):
+    """lr 1e30 makes the loss non-finite within a few steps: run_training raises with the reason, no retries."""
+    cfg = make_cfg(tiny_model_dir, train={"steps": 4, "lr": 1e30, "max_grad_norm": None, "checkpoint_every": 100},
+                   resources={"num_workers": 0, "max_failures": 3})
+    with pytest.raises(FloatingPointError, match="non-finite loss at optimizer step"):
+        run_training(cfg, run_name="nan", storage_path=tmp_path)
+    assert not list((tmp_path / "nan").glob("checkpoint_step*"))
+
+
 @pytest.mark.parametrize("kind, terms", [
     ("circuit_breakers", {"train/loss_retain", "train/loss_cb", "train/coef_retain", "train/coef_cb"}),
     ("repbend", {"train/loss_safe", "train/loss_unsafe", "train/loss_cluster", "train/loss_kl"}),
