@@ -1,27 +1,44 @@
 """``python -m crl_ray.sweep FILE.yaml [key.path=value ...] [--dry-run] [--resume]``
 
 Validates the sweep file (every problem at once, exit status 2), then either prints the plan (``--dry-run``:
-resolved config, search space, resource plan; no Ray, no MLflow, nothing written) or runs the sweep.
+resolved config, search space, resource plan; no Ray, no MLflow, nothing written) or runs the sweep:
+a Ray Tune Tuner over the per-trial driver (crl_ray.trial), OptunaSearch with its study in
+``<storage.path>/<name>/optuna.db``, optional ASHA, MLflow parent + nested runs (crl_ray.tracking).
+
+Layout of ``<storage.path>/<name>/``: ``tune/`` (Tune experiment state), ``train/train-<trial id>/`` (Ray Train
+runs and checkpoints), ``trials/<trial id>/`` (resolved config, evaluations), ``optuna.db``, ``mlflow.db`` and
+``mlartifacts/`` (default tracking), ``summary/`` (results table, best config, plots), ``sweep_config.yaml``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import logging
 import math
 import os
+import shlex
 import sys
-from dataclasses import dataclass
-from typing import Sequence
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
 
 import yaml
 
 from crl_ray.config import CategoricalParam, FloatParam, IntParam, LayerWindowParam, SweepConfig, dump_config
-from crl_ray.errors import USAGE_EXIT_CODE, UserError
+from crl_ray.errors import USAGE_EXIT_CODE, ConfigError, UserError
+from crl_ray.search import segments, study_storage_url
+from crl_ray.tracking import tracking_uri, ui_command
 
 log = logging.getLogger("crl_ray.sweep")
 
 DRIVER_CPUS = 0.01  # the per-trial driver only waits on its TorchTrainer (Tune rejects 0)
+HEAD_RESOURCE = "node:__internal_head__"  # drivers (and their Train controllers) run on the head: see tracking
+LOCAL_OBJECT_STORE_BYTES = 1 << 30  # a sweep moves no data through the object store
+CONFIG_FILE = "sweep_config.yaml"
+EXIT_INTERRUPTED = 130  # like a shell after Ctrl-C
 
 
 @dataclass(frozen=True)
@@ -48,8 +65,12 @@ def local_gpus() -> int:
         return 0
 
 
-def resource_plan(cfg: SweepConfig) -> ResourcePlan:
-    """How many trials run at once, and what each one asks Ray for."""
+def resource_plan(cfg: SweepConfig, capacity: tuple[float, float] | None = None) -> ResourcePlan:
+    """How many trials run at once, and what each one asks Ray for.
+
+    ``capacity`` (CPUs, GPUs) is a running cluster's size, read once connected; without it a cluster's concurrency
+    is left to run time (shown as all trials).
+    """
     res = cfg.resources
     workers = res.num_workers
     units = max(workers, 1)
@@ -57,7 +78,10 @@ def resource_plan(cfg: SweepConfig) -> ResourcePlan:
     gpus = units * res.gpus_per_worker if res.use_gpu else 0.0
     address = res.ray_address or os.environ.get("RAY_ADDRESS")
     warnings: list[str] = []
-    if address:
+    if address and capacity is not None:
+        ccpu, cgpu = capacity
+        cluster = f"existing Ray cluster at {address!r} ({ccpu:g} CPUs, {cgpu:g} GPUs now)"
+    elif address:
         cluster, ccpu, cgpu = f"existing Ray cluster at {address!r} (capacity read at run time)", None, None
     else:
         ccpu, cgpu = float(os.cpu_count() or 1), float(local_gpus())
@@ -121,10 +145,291 @@ def render_plan(cfg: SweepConfig, info, plan: ResourcePlan) -> str:
     waves = math.ceil(plan.trials / plan.concurrency)
     lines.append(f"#   waves:               {waves}")
     lines.append(f"#   storage:             {cfg.storage.path}/{cfg.name}")
-    uri = cfg.mlflow.tracking_uri or f"sqlite:///{cfg.storage.path}/mlflow.db"
+    folder = sweep_dir(cfg)
+    uri = tracking_uri(cfg.mlflow.tracking_uri, folder)
     lines.append(f"#   mlflow:              {uri} (experiment {cfg.mlflow.experiment or cfg.name})")
+    if cfg.search.algorithm != "none":
+        lines.append(f"#   optuna study:        {study_storage_url(folder)} (study {cfg.name})")
+    if cfg.scheduler.kind == "asha":
+        lines.append(f"#   early stopping:      ASHA on the objective after steps {segments(cfg)} "
+                     "(trials stop only between training segments)")
     for w in plan.warnings:
         lines.append(f"# WARNING: {w}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- running
+def sweep_dir(cfg: SweepConfig) -> Path:
+    """Absolute folder of one sweep: <storage.path>/<name>."""
+    return Path(cfg.storage.path).expanduser().resolve() / cfg.name
+
+
+@dataclass
+class SweepOutcome:
+    """What a sweep left behind: where, its trials' results, the best one."""
+
+    name: str
+    folder: Path
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    interrupted: bool = False
+    wall_s: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.rows if r["status"] == status)
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ between two resolved configs, as 'key: old -> new'."""
+    from crl_ray.tracking import flatten_params
+
+    a, b = flatten_params(old), flatten_params(new)
+    return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]
+
+
+def check_storage(cfg: SweepConfig, folder: Path, resume: bool) -> None:
+    """Refuse to overwrite an existing sweep, to resume a missing one, or to resume with another config."""
+    from ray.tune import Tuner
+
+    tune_dir = folder / "tune"
+    saved = folder / CONFIG_FILE
+    if resume:
+        if not (tune_dir.is_dir() and Tuner.can_restore(str(tune_dir))):
+            raise UserError(f"nothing to resume: no sweep state in {tune_dir}; run without --resume to start "
+                            f"sweep {cfg.name!r}")
+        if saved.is_file():
+            diff = config_differences(yaml.safe_load(saved.read_text()), dump_config(cfg))
+            if diff:
+                raise UserError(f"sweep {cfg.name!r} was started with another config; resume it with the same file "
+                                "and overrides. Differences:\n  " + "\n  ".join(diff[:20]))
+    elif tune_dir.exists() or saved.exists() or (folder / "optuna.db").exists():
+        raise UserError(f"sweep {cfg.name!r} already exists in {folder}: add --resume to continue it, set "
+                        "name=<new name> to start another, or delete that folder to start over")
+
+
+def start_ray(cfg: SweepConfig) -> bool:
+    """Connect to resources.ray_address / RAY_ADDRESS, else start a local Ray sized for the sweep.
+
+    Returns whether this call started (and so should shut down) Ray. Locally, logical CPUs may exceed physical
+    ones: one trial needs its workers' CPUs plus the driver's sliver (2 x 1 + 0.01 on a 2-core machine).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return True
+    plan = resource_plan(cfg)
+    num_cpus = max(int(plan.cluster_cpus or 1), math.ceil(plan.concurrency * plan.cpus_per_trial))
+    ray.init(num_cpus=num_cpus, num_gpus=int(plan.cluster_gpus or 0), object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+             include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def _trial_name(trial) -> str:
+    return trial.trial_id
+
+
+def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutcome:
+    """Run (or resume) the sweep: Tune + Optuna over the per-trial driver, MLflow parent and nested runs.
+
+    ``job`` (a crl_ray.trial.TrialJob) defaults to the real training and evaluation; tests pass fakes.
+    """
+    import ray
+    from ray import tune
+
+    from crl_ray import search, tracking
+    from crl_ray.trial import TrialContext, TrialJob, TrialStatusCallback, run_trial
+
+    problems = search.search_problems(cfg)
+    if problems:
+        raise ConfigError(problems, cfg.name)
+    folder = sweep_dir(cfg)
+    check_storage(cfg, folder, resume)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (folder / CONFIG_FILE).write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False, width=110))
+    # Synchronous reporting: tune.report blocks until Tune decided, so a trial is only stopped between segments.
+    os.environ["TUNE_RESULT_BUFFER_LENGTH"] = "1"
+    t0 = time.monotonic()
+    started = start_ray(cfg)
+    uri = tracking_uri(cfg.mlflow.tracking_uri, folder)
+    experiment = cfg.mlflow.experiment or cfg.name
+    target = None
+    interrupted = True
+    try:
+        address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
+        capacity = None
+        if address:
+            total = ray.cluster_resources()
+            capacity = (float(total.get("CPU", 0)), float(total.get("GPU", 0)))
+        plan = resource_plan(cfg, capacity)
+        for warning in plan.warnings:
+            log.warning(warning)
+        target = tracking.open_sweep_run(uri, experiment, cfg.name, resume=resume, commit=tracking.git_commit(),
+                                         artifact_dir=folder / "mlartifacts")
+        base = dump_config(cfg)
+        if not resume:
+            _log_sweep_config(target, base, folder / CONFIG_FILE)
+        ctx = TrialContext(base=base, sweep_dir=str(folder), target=target, job=job or TrialJob())
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
+                                        {"CPU": DRIVER_CPUS, HEAD_RESOURCE: 0.001})
+        if resume:
+            tuner = tune.Tuner.restore(str(folder / "tune"), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space={},
+                tune_config=tune.TuneConfig(
+                    metric=search.METRIC, mode="max", search_alg=search.make_searcher(cfg, folder, plan.concurrency),
+                    scheduler=search.make_scheduler(cfg), num_samples=cfg.search.num_trials,
+                    max_concurrent_trials=plan.concurrency, reuse_actors=False,
+                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+                run_config=tune.RunConfig(
+                    name="tune", storage_path=str(folder), callbacks=[TrialStatusCallback(target)],
+                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
+        log.info("sweep %s: %d trial(s), %d at a time; storage %s", cfg.name, cfg.search.num_trials,
+                 plan.concurrency, folder)
+        grid = tuner.fit()
+        interrupted = len(grid) < cfg.search.num_trials or grid.num_terminated + grid.num_errors < len(grid)
+        outcome = SweepOutcome(cfg.name, folder, uri, experiment, target.parent_run_id, interrupted=interrupted)
+        outcome.rows = result_rows(grid, target, interrupted)
+        if not interrupted:
+            search.close_orphan_trials(cfg, folder)
+            outcome.best = best_row(outcome.rows)
+            _write_summary(cfg, base, outcome, target)
+        outcome.wall_s = time.monotonic() - t0
+        return outcome
+    finally:
+        if target is not None:
+            _close_sweep_run(target, interrupted)
+        if started:
+            ray.shutdown()
+
+
+def _log_sweep_config(target, base: dict, config_file: Path) -> None:
+    from crl_ray import tracking
+
+    params = tracking.flatten_params({k: v for k, v in base.items() if k != "search"})
+    search_cfg = base.get("search", {})
+    params.update({f"search.{k}": (json.dumps(v) if k == "space" else str(v)) for k, v in search_cfg.items()})
+    tracking.log_params(target, target.parent_run_id, params)
+    tracking.log_artifacts(target, target.parent_run_id, [(config_file, None)])
+
+
+def _close_sweep_run(target, interrupted: bool) -> None:
+    """End every run of the sweep: open trial runs and the parent (KILLED when interrupted)."""
+    from crl_ray import tracking
+
+    try:
+        tracking.close_open_runs(target, interrupted=interrupted)
+        if interrupted:
+            tracking.end_run(target, target.parent_run_id, "KILLED", "interrupted")
+        else:
+            tracking.end_run(target, target.parent_run_id, "FINISHED", "completed")
+    except Exception as exc:  # never hide the sweep's own error behind a tracking one
+        log.warning("could not close the sweep's MLflow runs: %s", exc)
+
+
+def result_rows(grid, target, interrupted: bool) -> list[dict[str, Any]]:
+    """One row per trial, in creation order: id, status, objective(s), evaluation metrics, params, MLflow run."""
+    from crl_ray import tracking
+    from crl_ray.trial import failure_reason
+
+    runs = {r.data.tags.get(tracking.TRIAL_TAG): r.info.run_id for r in tracking.trial_runs(target)}
+    rows = []
+    for i, result in enumerate(grid):
+        metrics = dict(result.metrics or {})
+        trial_id = str(metrics.get("trial_id") or Path(result.path).name)
+        if result.error is not None:
+            status = "failed"
+        elif metrics.get("final"):
+            status = "completed"
+        else:
+            status = "interrupted" if interrupted else "stopped_early"
+        row: dict[str, Any] = {"trial_id": trial_id, "trial_index": i, "status": status,
+                               "objective": metrics.get("objective"), "step": metrics.get("step"),
+                               "error": failure_reason(result.error) if result.error is not None else None,
+                               "mlflow_run_id": runs.get(trial_id), "params": dict(result.config or {})}
+        row.update({k: v for k, v in metrics.items() if k.startswith(("eval/", "objectives/"))})
+        rows.append(row)
+    return rows
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The completed trial with the highest objective (a stopped one only when none completed)."""
+    def usable(r: dict[str, Any]) -> bool:
+        v = r.get("objective")
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    for pool in ([r for r in rows if r["status"] == "completed" and usable(r)], [r for r in rows if usable(r)]):
+        if pool:
+            return max(pool, key=lambda r: r["objective"])
+    return None
+
+
+def _write_summary(cfg: SweepConfig, base: dict, outcome: SweepOutcome, target) -> None:
+    """Results table (CSV + JSON), best config, plots: written to <sweep>/summary and logged to the parent run."""
+    from crl_ray import plots, tracking
+    from crl_ray.trial import resolve_trial_config
+
+    out = outcome.folder / "summary"
+    out.mkdir(exist_ok=True)
+    rows = outcome.rows
+    (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
+    flat = [{**{k: v for k, v in r.items() if k != "params"}, **{f"param:{k}": v for k, v in r["params"].items()}}
+            for r in rows]
+    columns = list(dict.fromkeys(k for r in flat for k in r))
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(flat)
+    files = [out / "results.json", out / "results.csv", plots.plot_objective(rows, out / "objective.png"),
+             plots.plot_pareto(rows, out / "pareto.png")]
+    best = outcome.best
+    if best is not None:
+        best_cfg = resolve_trial_config(base, best["params"], source=f"trial {best['trial_id']}")
+        header = (f"# Best trial of sweep {cfg.name}: {best['trial_id']} (objective {best['objective']:.4g}, "
+                  f"MLflow run {best['mlflow_run_id']}).\n# Its resolved config, as trained and evaluated.\n")
+        (out / "best_config.yaml").write_text(header + yaml.safe_dump(dump_config(best_cfg), sort_keys=False,
+                                                                       width=110))
+        files.append(out / "best_config.yaml")
+    tracking.log_artifacts(target, target.parent_run_id, [(f, "summary") for f in files])
+    summary = {"trials/completed": outcome.count("completed"), "trials/stopped_early": outcome.count("stopped_early"),
+               "trials/failed": outcome.count("failed")}
+    if best is not None:
+        summary["best/objective"] = best["objective"]
+        summary.update({f"best/{k}": v for k, v in best.items() if k.startswith(("eval/", "objectives/"))})
+    tracking.log_metrics(target, target.parent_run_id, summary, 0, where="sweep summary")
+
+
+def render_outcome(outcome: SweepOutcome, resume_command: str) -> str:
+    """The closing message: what ran, the best trial, where MLflow is and how to open it."""
+    lines = [f"sweep {outcome.name}: {len(outcome.rows)} trial(s) in {outcome.wall_s:.0f} s: "
+             f"{outcome.count('completed')} completed, {outcome.count('stopped_early')} stopped early, "
+             f"{outcome.count('failed')} failed"
+             + (f", {outcome.count('interrupted')} interrupted" if outcome.interrupted else "")]
+    if outcome.interrupted:
+        lines.append(f"interrupted; the state is saved. Resume with:\n  {resume_command}")
+    for r in outcome.rows:
+        if r["status"] == "failed":
+            lines.append(f"  failed: {r['trial_id']}: {r['error']}")
+    best = outcome.best
+    if best is not None:
+        extra = ", ".join(f"{k.split('/', 1)[1]} {best[k]:.4g}" for k in best if k.startswith("objectives/"))
+        lines.append(f"best trial: {best['trial_id']}  objective {best['objective']:.4g}"
+                     + (f" ({extra})" if extra else ""))
+        lines.append(f"  its config: {outcome.folder / 'summary' / 'best_config.yaml'}")
+    lines.append(f"MLflow: experiment {outcome.experiment!r}, sweep run {outcome.parent_run_id} at "
+                 f"{outcome.tracking_uri}")
+    lines.append(f"  open it: {ui_command(outcome.tracking_uri)}")
     return "\n".join(lines)
 
 
@@ -145,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, job=None) -> int:
+    """The CLI; ``job`` replaces the per-trial work (tests only)."""
     args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -154,13 +460,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg, info = load_config(args.file, args.overrides)
         plan = resource_plan(cfg)
+        from crl_ray.search import search_problems
+
+        problems = search_problems(cfg)
+        if problems:
+            raise ConfigError(problems, args.file)
         if args.dry_run:
             print(render_plan(cfg, info, plan))
             return 0
-        raise UserError("running sweeps is not implemented yet (issue 5); use --dry-run to validate and plan")
+        outcome = run_sweep(cfg, resume=args.resume, job=job)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USAGE_EXIT_CODE
+    except KeyboardInterrupt:
+        print(f"interrupted; resume with: {resume_command(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(render_outcome(outcome, resume_command(args)))
+    if outcome.interrupted:
+        return EXIT_INTERRUPTED
+    return 0 if outcome.count("completed") + outcome.count("stopped_early") else 1
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that resumes this sweep."""
+    parts = ["python", "-m", "crl_ray.sweep", args.file, *args.overrides, "--resume"]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def test_extends_merges_and_reports_bad_parent(tmp_path, capsys) -> None:
     child = write(tmp_path, {"extends": parent.name, "name": "child", "train": {"steps": 2}}, "child.yaml")
     cfg, _ = load_config(child)
     assert cfg.name == "child" and cfg.train.steps == 2 and cfg.train.micro_batch_size == 2
-    assert cfg.search.space.keys() == {"loss.margin_benign", "loss.margin_harmful"}
+    assert cfg.search.space.keys() == {"train.lr", "loss.margin_harmful"}
     orphan = write(tmp_path, {"extends": "missing.yaml", "name": "o"}, "orphan.yaml")
     code, _, err = run_cli([str(orphan), "--dry-run"], capsys)
     assert code == 2 and "extends" in err and "file not found" in err

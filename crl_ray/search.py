@@ -1,0 +1,197 @@
+"""The search: a sweep file's ``search.space`` as an Optuna define-by-run function, and the Tune searcher.
+
+Optuna names each sampled value by its config path (``loss.margin_benign``); a layer window samples two
+values, ``<path>:start`` and ``<path>:size``, that :func:`param_values` turns into an inclusive hidden_states
+range. The study lives in an sqlite file next to the sweep's storage (study name = sweep name), so a resumed
+sweep continues the same study.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from crl_ray.config import CategoricalParam, FloatParam, IntParam, LayerWindowParam, SearchParam, SweepConfig
+from crl_ray.errors import Problem
+
+if TYPE_CHECKING:
+    import optuna
+
+log = logging.getLogger(__name__)
+
+METRIC = "objective"  # Tune's metric (maximised): the scalar objective, also reported in Pareto sweeps
+PARETO_METRICS = ("objectives/asr", "objectives/capability")  # NSGA-II / random in Pareto mode
+PARETO_MODES = ("min", "max")
+WINDOW_START, WINDOW_SIZE = ":start", ":size"
+
+
+class SpaceSampler:
+    """Define-by-run function for Optuna: suggests every entry of ``search.space`` (picklable, for Tune)."""
+
+    def __init__(self, space: dict[str, SearchParam]) -> None:
+        self.space = dict(space)
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        for key, param in self.space.items():
+            if isinstance(param, FloatParam):
+                trial.suggest_float(key, param.low, param.high, log=param.log, step=param.step)
+            elif isinstance(param, IntParam):
+                trial.suggest_int(key, param.low, param.high, log=param.log, step=param.step)
+            elif isinstance(param, CategoricalParam):
+                trial.suggest_categorical(key, _categorical_choices(param))
+            elif isinstance(param, LayerWindowParam):
+                trial.suggest_int(key + WINDOW_START, param.start[0], param.start[1])
+                trial.suggest_int(key + WINDOW_SIZE, param.size[0], param.size[1])
+            else:  # the schema admits no other kind
+                raise TypeError(f"unsupported search parameter for {key}: {param!r}")
+
+
+def _categorical_choices(param: CategoricalParam) -> list[Any]:
+    """Optuna stores only None/bool/int/float/str choices; lists and mappings go in as their YAML text."""
+    return [c if c is None or isinstance(c, (bool, int, float, str)) else _Encoded.encode(c) for c in param.choices]
+
+
+class _Encoded:
+    PREFIX = "yaml:"
+
+    @staticmethod
+    def encode(value: Any) -> str:
+        import yaml
+
+        return _Encoded.PREFIX + yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+
+    @staticmethod
+    def decode(value: Any) -> Any:
+        import yaml
+
+        if isinstance(value, str) and value.startswith(_Encoded.PREFIX):
+            return yaml.safe_load(value[len(_Encoded.PREFIX):])
+        return value
+
+
+def param_values(space: dict[str, SearchParam], sampled: dict[str, Any]) -> dict[str, Any]:
+    """Config values (path -> value) for one trial's sampled values; a layer window becomes {range: [a, b]}."""
+    values: dict[str, Any] = {}
+    for key, param in space.items():
+        if isinstance(param, LayerWindowParam):
+            start, size = int(sampled[key + WINDOW_START]), int(sampled[key + WINDOW_SIZE])
+            values[key] = {"range": [start, start + size - 1]}
+        elif isinstance(param, CategoricalParam):
+            values[key] = _Encoded.decode(sampled[key])
+        else:
+            values[key] = sampled[key]
+    return values
+
+
+def search_problems(cfg: SweepConfig) -> list[Problem]:
+    """What Optuna would reject only once the sweep runs: log scales with steps, settings another algorithm ignores."""
+    p: list[Problem] = []
+    for key, param in cfg.search.space.items():
+        if isinstance(param, FloatParam) and param.log and param.step is not None:
+            p.append(Problem(f"search.space[{key}].step", "Optuna cannot combine a log scale with a step",
+                             param.step, "remove step or set log: false"))
+        if isinstance(param, IntParam) and param.log and param.step != 1:
+            p.append(Problem(f"search.space[{key}].step", "Optuna cannot combine a log scale with a step",
+                             param.step, "remove step or set log: false"))
+    if cfg.search.population_size is not None and cfg.search.algorithm != "nsga2":
+        p.append(Problem("search.population_size", f"only used by search.algorithm nsga2 "
+                         f"(algorithm is {cfg.search.algorithm})", cfg.search.population_size,
+                         "remove it or set search.algorithm: nsga2"))
+    return p
+
+
+def population_size(cfg: SweepConfig) -> int:
+    """NSGA-II generation size: the configured one, else a quarter of the trials (at least 2)."""
+    return cfg.search.population_size or max(2, cfg.search.num_trials // 4)
+
+
+def make_sampler(cfg: SweepConfig, concurrency: int = 1) -> optuna.samplers.BaseSampler:
+    """The seeded Optuna sampler of ``search.algorithm`` (TPE uses the constant liar when trials overlap)."""
+    import optuna
+
+    seed = cfg.search.seed
+    algorithm = cfg.search.algorithm
+    if algorithm == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=concurrency > 1)
+    if algorithm == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population_size(cfg))
+    if algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"search.algorithm {algorithm} uses no sampler")
+
+
+def study_storage_url(sweep_dir: Path) -> str:
+    """sqlite URL of the sweep's Optuna study (next to the Tune experiment, survives restarts)."""
+    return f"sqlite:///{Path(sweep_dir).resolve() / 'optuna.db'}"
+
+
+def make_searcher(cfg: SweepConfig, sweep_dir: Path, concurrency: int = 1):
+    """Tune's OptunaSearch for the sweep, or None for ``search.algorithm: none`` (the file's values, once)."""
+    if cfg.search.algorithm == "none":
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    storage = optuna.storages.RDBStorage(study_storage_url(sweep_dir))
+    if cfg.objective.kind == "pareto":
+        metric, mode = list(PARETO_METRICS), list(PARETO_MODES)
+    else:
+        metric, mode = METRIC, "max"
+    return OptunaSearch(SpaceSampler(cfg.search.space), metric=metric, mode=mode,
+                        sampler=make_sampler(cfg, concurrency), study_name=cfg.name, storage=storage)
+
+
+def load_study(cfg: SweepConfig, sweep_dir: Path) -> optuna.Study | None:
+    """The sweep's persisted study, or None when there is none (yet)."""
+    import optuna
+
+    url = study_storage_url(sweep_dir)
+    if not (Path(sweep_dir) / "optuna.db").exists():
+        return None
+    try:
+        return optuna.load_study(study_name=cfg.name, storage=url)
+    except KeyError:  # no study of that name in the file
+        return None
+
+
+def close_orphan_trials(cfg: SweepConfig, sweep_dir: Path) -> int:
+    """Mark study trials still RUNNING after the sweep ended as FAIL (asked, never run); returns how many.
+
+    Tune asks Optuna for a trial before it checkpoints the experiment; an interruption in between leaves a
+    trial that no Tune trial will ever tell. Only call this when no trial is running.
+    """
+    import optuna
+
+    study = load_study(cfg, sweep_dir)
+    if study is None:
+        return 0
+    orphans = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for t in orphans:
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    if orphans:
+        log.warning("marked %d Optuna trial(s) that never ran as FAIL: %s", len(orphans),
+                    [t.number for t in orphans])
+    return len(orphans)
+
+
+def segments(cfg: SweepConfig) -> list[int]:
+    """Optimizer steps after which a trial is evaluated and reported: every eval_every with ASHA, else the end.
+
+    Training runs in these segments so that Tune can stop a trial only between them (see crl_ray.trial).
+    """
+    steps = cfg.train.steps
+    every = cfg.scheduler.eval_every if cfg.scheduler.kind == "asha" else None
+    if not every:
+        return [steps]
+    return list(range(every, steps, every)) + [steps]
+
+
+def make_scheduler(cfg: SweepConfig):
+    """ASHA on the objective, one rung per evaluation (training_iteration counts segments); None without."""
+    if cfg.scheduler.kind == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", max_t=len(segments(cfg)),
+                         grace_period=cfg.scheduler.grace_period, reduction_factor=cfg.scheduler.reduction_factor)

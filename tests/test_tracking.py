@@ -1,0 +1,121 @@
+"""MLflow bookkeeping on a real sqlite store in tmp_path (no Ray): URIs, parent/nested runs, params, metrics."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from crl_ray import tracking
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory) -> str:
+    """One sqlite store for the module (creating one costs seconds of schema migrations)."""
+    return tracking.tracking_uri(None, tmp_path_factory.mktemp("mlflow"))
+
+
+@pytest.fixture
+def target(uri: str, tmp_path: Path, request) -> tracking.TrackingTarget:
+    """A fresh experiment and parent run per test."""
+    return tracking.open_sweep_run(uri, request.node.name, "sw", resume=False, commit="abc",
+                                   artifact_dir=tmp_path / "art")
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri(None, tmp_path / "s") == f"sqlite:///{(tmp_path / 's').resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri(None, tmp_path) == "http://127.0.0.1:5000"
+    assert tracking.tracking_uri("http://other:1", tmp_path) == "http://other:1"
+    assert tracking.ui_command("sqlite:////x/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////x/mlflow.db"
+    assert "http://127.0.0.1:5000" in tracking.ui_command("http://127.0.0.1:5000")
+
+
+def test_flatten_params_has_no_nested_values() -> None:
+    cfg = {"loss": {"margin": 2.0, "layers": {"range": [3, 5]}, "cb": {}},
+           "data": {"benign": [{"source": "a", "where": {"k": 1}}, {"source": "b"}]},
+           "eval": {"attacks": ["direct", "prefill"], "limit": None}}
+    flat = tracking.flatten_params(cfg)
+    assert flat == {"loss.margin": "2.0", "loss.layers.range": "[3, 5]", "loss.cb": "{}",
+                    "data.benign.0.source": "a", "data.benign.0.where.k": "1", "data.benign.1.source": "b",
+                    "eval.attacks": '["direct", "prefill"]', "eval.limit": "None"}
+    assert all(isinstance(v, str) for v in flat.values())
+
+
+def test_finite_metrics_drop_nan_with_a_warning(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="crl_ray.tracking"):
+        out = tracking.finite_metrics({"a": 1, "b": math.nan, "c": math.inf, "d": "path", "e": True, "f": 0.5})
+    assert out == {"a": 1.0, "f": 0.5}
+    assert "b=nan" in caplog.text and "c=inf" in caplog.text
+
+
+def test_parent_and_nested_runs_are_reused_not_duplicated(target, tmp_path) -> None:
+    client = MlflowClient(tracking_uri=target.uri)
+    exp = client.get_experiment(target.experiment_id)
+    assert exp.artifact_location == (tmp_path / "art").resolve().as_uri()
+    first = tracking.open_trial_run(target, "t1")
+    run = client.get_run(first)
+    assert run.data.tags[tracking.PARENT_TAG] == target.parent_run_id
+    assert run.data.tags[tracking.TRIAL_TAG] == "t1" and run.data.tags[tracking.GIT_TAG] == "abc"
+    tracking.end_run(target, first, "KILLED", "interrupted")
+    # a restarted trial gets its run back, RUNNING again
+    assert tracking.open_trial_run(target, "t1") == first
+    assert client.get_run(first).info.status == "RUNNING"
+    assert len(tracking.trial_runs(target)) == 1
+    # a resumed sweep finds its parent; a new sweep of the same name gets a new one
+    experiment = client.get_experiment(target.experiment_id).name
+    resumed = tracking.open_sweep_run(target.uri, experiment, "sw", resume=True, commit="abc")
+    assert resumed.parent_run_id == target.parent_run_id
+    assert tracking.find_trial_run(resumed, "t1") == first
+    fresh = tracking.open_sweep_run(target.uri, experiment, "sw", resume=False, commit="abc")
+    assert fresh.parent_run_id != target.parent_run_id and tracking.find_trial_run(fresh, "t1") is None
+
+
+def test_params_twice_metrics_and_status(target, caplog) -> None:
+    client = MlflowClient(tracking_uri=target.uri)
+    run_id = tracking.open_trial_run(target, "t2")
+    params = {f"p{i}": str(i) for i in range(250)}  # more than one batch
+    tracking.log_params(target, run_id, params)
+    tracking.log_params(target, run_id, params)  # a resumed trial logs the same params again
+    tracking.log_metrics(target, run_id, {"loss": 0.5, "bad": math.nan}, step=3)
+    run = client.get_run(run_id)
+    assert run.data.params == params
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(3, 0.5)]
+    assert "bad" not in run.data.metrics
+    tracking.end_run(target, run_id, "FAILED", "failed", "ValueError: boom")
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags[tracking.ERROR_TAG] == "ValueError: boom"
+    assert run.data.tags[tracking.STATUS_TAG] == "failed"
+
+
+def test_close_open_runs(target) -> None:
+    client = MlflowClient(tracking_uri=target.uri)
+    running, done = tracking.open_trial_run(target, "a"), tracking.open_trial_run(target, "b")
+    tracking.end_run(target, done, "FINISHED", "completed")
+    assert tracking.close_open_runs(target, interrupted=True) == 1
+    assert client.get_run(running).info.status == "KILLED"
+    assert client.get_run(done).info.status == "FINISHED"
+    again = tracking.open_trial_run(target, "a")
+    assert tracking.close_open_runs(target, interrupted=False) == 1
+    assert client.get_run(again).info.status == "FAILED"
+
+
+def test_artifacts_and_generation_sample(target, tmp_path) -> None:
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(f'{{"i": {i}}}\n' for i in range(20)))
+    assert tracking.sample_records(records, tmp_path / "s.jsonl", 0) is None
+    sample = tracking.sample_records(records, tmp_path / "s.jsonl", 3)
+    assert sample.read_text().splitlines() == ['{"i": 0}', '{"i": 1}', '{"i": 2}']
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    run_id = tracking.open_trial_run(target, "t3")
+    tracking.log_artifacts(target, run_id, [(adapter, "adapter"), (sample, "eval"), (tmp_path / "missing", None)])
+    client = MlflowClient(tracking_uri=target.uri)
+    assert [a.path for a in client.list_artifacts(run_id, "adapter")] == ["adapter/adapter_config.json"]
+    assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/s.jsonl"]
+    assert (tmp_path / "art").is_dir()  # artifacts stay inside the sweep folder, not ./mlruns
