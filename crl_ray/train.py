@@ -34,6 +34,24 @@ STATE_FILE = "trainer_state.json"
 DATA_GROUPS = ("benign", "harmful", "retain")
 ADAPTER_DIR = "adapter"
 FAILED_KEY = "failed"  # reported instead of metrics when the loss became non-finite
+FAILED_FILE = "failed.txt"  # rank 0 writes the reason into the run's folder
+COMPLETE_MARKER = ".complete_rank"  # + rank: that rank's checkpoint files are persisted
+
+
+def _checkpoint_step(name: str) -> int:
+    digits = name[len(CHECKPOINT_PREFIX):]
+    return int(digits) if name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else -1
+
+
+def complete_checkpoints(run_dir: Path, world_size: int) -> list[Path]:
+    """Checkpoint folders of ``run_dir`` that every rank finished writing (local mode: ``.complete``), oldest first."""
+    found = []
+    for path in run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        if _checkpoint_step(path.name) < 0 or not (path / STATE_FILE).is_file():
+            continue
+        if (path / ".complete").exists() or all((path / f"{COMPLETE_MARKER}{r}").exists() for r in range(world_size)):
+            found.append(path)
+    return sorted(found, key=lambda p: _checkpoint_step(p.name))
 CHECKPOINT_PREFIX = "checkpoint_step"
 
 
@@ -70,13 +88,16 @@ def micro_batch(ds: Any, micro_index: int, *, rank: int, world_size: int, micro_
 class Worker:
     """State of one training worker (model, optimizer, miner, data) and its loop."""
 
-    def __init__(self, cfg: SweepConfig, *, until_step: int, data_dir: Path, local_dir: Path | None):
+    def __init__(self, cfg: SweepConfig, *, until_step: int, data_dir: Path, local_dir: Path | None,
+                 run_dir: Path | None = None):
         from crl_ray.model import seed_everything
 
         self.cfg = cfg
         self.data_dir = data_dir
         self.until_step = until_step
         self.local_dir = local_dir  # local mode: where checkpoints live (Ray does not persist them)
+        # the run's folder in the (shared) storage: Ray persists checkpoints there; failure reasons go there too
+        self.run_dir = run_dir if run_dir is not None else local_dir
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
@@ -228,6 +249,9 @@ class Worker:
                 metrics = self.train_step()
             except FloatingPointError as exc:  # the same on every rank (global loss): retrying would repeat it
                 log.error("%s", exc)
+                if self.rank == 0 and self.run_dir is not None:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                    (self.run_dir / FAILED_FILE).write_text(str(exc))
                 ray.train.report({FAILED_KEY: str(exc), "step": float(self.step)})
                 return
             last = self.step == self.until_step
@@ -304,6 +328,10 @@ class Worker:
             self.save(staging, final=final)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
                              checkpoint_dir_name=name)
+            # report() returns once this rank's files are persisted: mark them, so that a worker group restarted
+            # before Ray registered the checkpoint can still find it complete (see complete_checkpoints)
+            if self.run_dir is not None and (self.run_dir / name).is_dir():
+                (self.run_dir / name / f"{COMPLETE_MARKER}{self.rank}").write_text("ok")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -312,15 +340,15 @@ class Worker:
 
         directory: Path | None = None
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
+        on_disk = complete_checkpoints(self.run_dir, self.world_size) if self.run_dir is not None else []
+        registered = _checkpoint_step(Path(checkpoint.path).name) if checkpoint is not None else -1
+        if on_disk and _checkpoint_step(on_disk[-1].name) > registered:
+            directory = on_disk[-1]  # persisted by every rank, not (yet) registered by Ray, or local mode
+            self.load(directory)
+        elif checkpoint is not None:
             with checkpoint.as_directory() as d:
                 self.load(Path(d))
                 directory = Path(d)
-        elif self.local_dir is not None:
-            done = sorted(p for p in self.local_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / ".complete").exists())
-            if done:
-                directory = done[-1]
-                self.load(directory)
         if directory is not None:
             log.info("resumed from %s at step %d", directory, self.step)
 
@@ -338,7 +366,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config.get("threads") or torch.get_num_threads())))
     cfg = SweepConfig.model_validate(config["cfg"])
     local_dir = Path(config["local_dir"]) if config.get("local_dir") else None
-    Worker(cfg, until_step=int(config["until_step"]), data_dir=Path(config["data_dir"]), local_dir=local_dir).run()
+    run_dir = Path(config["run_dir"]) if config.get("run_dir") else None
+    Worker(cfg, until_step=int(config["until_step"]), data_dir=Path(config["data_dir"]), local_dir=local_dir,
+           run_dir=run_dir).run()
 
 
 # ============================================================================================ the driver side
@@ -384,7 +414,7 @@ def run_training(cfg: SweepConfig, *, run_name: str, storage_path: str | Path, c
     local = res.num_workers == 0
     loop_config = {"cfg": dump_config(cfg), "until_step": until, "cache_dir": str(cache_dir()),
                    "data_dir": str(data_dir),
-                   "local_dir": str(storage / run_name) if local else None,
+                   "local_dir": str(storage / run_name) if local else None, "run_dir": str(storage / run_name),
                    "threads": int(res.cpus_per_worker) if not res.use_gpu else None}
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
     scaling = ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
@@ -395,11 +425,15 @@ def run_training(cfg: SweepConfig, *, run_name: str, storage_path: str | Path, c
                                          controller_failure_limit=res.max_failures,
                                          max_preemption_failures=res.max_failures),
                                      checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
+    (storage / run_name / FAILED_FILE).unlink(missing_ok=True)
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
                            run_config=run_config)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    failed = storage / run_name / FAILED_FILE
+    if failed.is_file():
+        raise FloatingPointError(failed.read_text())
     if result.metrics and FAILED_KEY in result.metrics:
         raise FloatingPointError(result.metrics[FAILED_KEY])
     if result.checkpoint is not None:

@@ -341,3 +341,24 @@ def test_training_pushes_harmful_representations_away(tmp_path):
     # measured 2026-11-27 after 12 steps: harmful 0.985, benign 0.9988
     assert harmful_after < 0.995, harmful_after
     assert (1 - benign_after) * 4 < 1 - harmful_after, (benign_after, harmful_after)
+
+
+def test_complete_checkpoints_needs_every_rank_and_the_state(tmp_path):
+    """A restarted worker group resumes from the newest checkpoint that every rank finished persisting."""
+    from crl_ray.train import COMPLETE_MARKER, STATE_FILE, complete_checkpoints
+
+    def make(step: int, ranks: list[int], state: bool = True) -> Path:
+        d = tmp_path / f"checkpoint_step{step:06d}"
+        d.mkdir()
+        if state:
+            (d / STATE_FILE).write_text("{}")
+        for r in ranks:
+            (d / f"{COMPLETE_MARKER}{r}").write_text("ok")
+        return d
+
+    two, ten = make(2, [0, 1]), make(10, [0, 1])
+    make(12, [0])               # rank 1 still writing
+    make(14, [0, 1], state=False)
+    (tmp_path / "checkpoint_stepx").mkdir()
+    assert complete_checkpoints(tmp_path, 2) == [two, ten]  # numeric order, incomplete ones left out
+    assert complete_checkpoints(tmp_path, 1)[-1].name == "checkpoint_step000012"
