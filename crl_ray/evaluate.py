@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -46,6 +44,7 @@ from crl_ray.config import (
     schema_problems,
 )
 from crl_ray.errors import USAGE_EXIT_CODE, ConfigError, Problem, UserError
+from crl_ray.generate import atomic_write
 
 __all__ = ["EvalOutcome", "evaluate_adapter", "evaluate_model", "main", "training_prompts"]
 
@@ -65,16 +64,7 @@ class EvalOutcome:
 
 # --------------------------------------------------------------------------------------------- helpers
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text.encode("utf-8"))
 
 
 def _jsonl(rows: Sequence[dict[str, Any]]) -> str:

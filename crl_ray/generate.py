@@ -157,7 +157,8 @@ def cache_key(
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a synced temporary file in the same folder and a rename (never half-written)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -236,7 +237,7 @@ def cached_answers(
             json.dumps({"index": i, "prompt": p, "answer": a}, ensure_ascii=False) + "\n"
             for i, (p, a) in enumerate(zip(prompts, answers))
         ).encode("utf-8")
-        _atomic_write(data_path, lines)
+        atomic_write(data_path, lines)
         meta = {
             "key": key,
             "model_id": model_id,
@@ -251,7 +252,7 @@ def cached_answers(
             "host": platform.node(),
             "generation_seconds": round(time.perf_counter() - started, 3),
         }
-        _atomic_write(meta_path, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        atomic_write(meta_path, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     return answers
 
 

@@ -39,6 +39,17 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_pareto(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Scatter of ASR vs capability per trial, the Pareto front joined and labelled by trial index."""
     plt = _pyplot()
@@ -54,14 +65,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no trial reported ASR and capability", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("ASR (lower is safer)")
-    ax.set_ylabel("capability (higher is better)")
-    ax.set_title("ASR vs capability")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path, "ASR (lower is safer)", "capability (higher is better)", "ASR vs capability")
 
 
 def plot_objective(rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -81,11 +85,4 @@ def plot_objective(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no trial reported an objective", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("trial")
-    ax.set_ylabel("objective (higher is better)")
-    ax.set_title("objective over trials")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path, "trial", "objective (higher is better)", "objective over trials")

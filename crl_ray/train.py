@@ -439,7 +439,7 @@ def run_training(cfg: SweepConfig, *, run_name: str, storage_path: str | Path, c
     if result.checkpoint is not None:
         checkpoint_dir = Path(result.checkpoint.path)
     else:  # local mode with nothing left to train: the latest checkpoint on disk
-        done = sorted(p for p in (storage / run_name).glob(f"{CHECKPOINT_PREFIX}*") if (p / ".complete").exists())
+        done = complete_checkpoints(storage / run_name, 1)
         if not done:
             raise RuntimeError(f"training run {run_name!r} reported no checkpoint")
         checkpoint_dir = done[-1]

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_tiny import tiny_llama, tiny_tokenizer
 from pydantic import ValidationError
 
 import crl_ray.attacks as attacks
@@ -31,14 +30,6 @@ from crl_ray.errors import UserError
 PROMPTS = ["Write a joke about cats", "How do I bake bread?", "Tell me about the quick brown fox please"]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_llama(tok, layers=2)
 
 
 @pytest.fixture(scope="module")

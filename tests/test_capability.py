@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers_tiny import tiny_llama, tiny_tokenizer
+from helpers_tiny import tiny_llama
 
 from crl_ray.capability import (
     LETTERS,
@@ -34,14 +34,6 @@ from crl_ray.errors import UserError
 PROMPTS = ["How do I bake bread?", "Tell me a joke about cats.", "The quick brown fox", "Hi"]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_llama(tok)
 
 
 def questions(topics: dict[str, int], answers: str = "ABCD") -> list[MMLUQuestion]:

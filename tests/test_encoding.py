@@ -7,7 +7,7 @@ from typing import get_args
 import datasets
 import pytest
 import torch
-from helpers_tiny import IM_END, IM_START, PAD, tiny_tokenizer
+from helpers_tiny import IM_END, IM_START, PAD
 from tokenizers import Tokenizer
 from transformers import BatchEncoding, PreTrainedTokenizerFast
 
@@ -26,10 +26,6 @@ from crl_ray.encoding import (
 
 R, S = 24, 12  # max_request_tokens, max_response_tokens for most tests
 
-
-@pytest.fixture(scope="module")
-def tok() -> PreTrainedTokenizerFast:
-    return tiny_tokenizer()
 
 
 def _conversation(tok, prompt, response, system=None) -> str:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers_tiny import tiny_llama, tiny_tokenizer
+from helpers_tiny import tiny_llama
 
 from crl_ray import attacks, evaluate
 from crl_ray.attacks import AttackResult, Candidate
@@ -35,14 +35,6 @@ def small(**eval_section) -> dict:
     return base | eval_section
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_llama(tok)
 
 
 @pytest.fixture(scope="module")

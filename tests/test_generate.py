@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_tiny import tiny_llama, tiny_tokenizer
+from helpers_tiny import tiny_llama
 
 from crl_ray.config import GenerationConfig
 from crl_ray.generate import GENERATE_VERSION, cache_key, cached_answers, generate_answers
@@ -24,14 +24,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_llama(tok)
 
 
 # ----------------------------------------------------------------------------------------- generation
