@@ -263,6 +263,16 @@ class TrainConfig(Section):
     seed: int = 42
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(100, gt=0)
+    activation_checkpointing: Literal["selective", "full", "off"] = Field(
+        "selective", description="What backward recomputes instead of keeping (transformers activation "
+        "checkpointing, per decoder block): selective = keep the base matmul and attention outputs, recompute norms, "
+        "activations and the LoRA matmuls (about half the activation memory, little compute); full = keep only the "
+        "block inputs (least memory, one more forward); off = keep everything.")
+    activation_checkpointing_every: int = Field(
+        1, gt=0, description="Checkpoint every n-th decoder block only (1 = all): higher = faster, more memory.")
+    unpad: bool | Literal["auto"] = Field(
+        "auto", description="CRL passes on real tokens only, one forward per row (no work on padding; same loss). "
+        "auto = on CPU (where batching gains little); false = one padded forward per batch (GPU).")
 
 
 class ResourcesConfig(Section):

@@ -39,6 +39,42 @@ def apply_lora(model: nn.Module, cfg: SweepConfig, blocks: Sequence[int]) -> nn.
     return get_peft_model(model, peft_cfg)
 
 
+def _save_base_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """Selective checkpointing policy: keep the outputs of the base layers' matmuls and of attention; recompute
+    the rest (norms, rotary, activations, residual adds, the rank-r LoRA matmuls) in backward."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    if op in (aten.mm.default, aten.addmm.default):
+        inner = args[1].shape[-2] if op is aten.mm.default else args[2].shape[-2]
+        if inner > 64 and min(args[-1].shape) > 64:
+            return CheckpointPolicy.MUST_SAVE
+    if op in (aten._scaled_dot_product_flash_attention_for_cpu.default,
+              aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
+              aten._scaled_dot_product_cudnn_attention.default):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def enable_activation_checkpointing(model: nn.Module, mode: str = "selective", every_n: int = 1) -> None:
+    """Activation checkpointing of every ``every_n``-th decoder block (non-reentrant; passes without grad are not
+    affected): ``full`` recomputes the block in backward, ``selective`` only its cheap ops (``_save_base_matmuls``),
+    ``off`` does nothing."""
+    if mode == "off":
+        return
+    if mode not in ("selective", "full") or every_n < 1:
+        raise ValueError(f"activation checkpointing {mode!r} every {every_n}; use selective, full or off, every >= 1")
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if mode == "selective":
+        import functools
+
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _save_base_matmuls)
+    base_causal_lm(model).activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                                          every_n_layers=every_n)
+
+
 def base_causal_lm(model: nn.Module) -> nn.Module:
     """The transformers CausalLM inside a peft wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
@@ -80,6 +116,61 @@ def _truncated(model: nn.Module, depth: int) -> Iterator[None]:
             config.tie_last_hidden_states = saved_tie
 
 
+# ------------------------------------------------------------------------------------------ packed rows
+# Unpadded passes put the real tokens of all rows of a batch into one sequence ([1, N]): the linear layers then
+# run on N tokens in one matmul (no padding, no per-row calls), and attention runs causally inside each row's
+# segment only (one SDPA call per segment: what a forward on that row alone computes). The segments travel as a
+# forward keyword (``crl_segments``) down to the attention function registered below, so activation
+# checkpointing's recomputation sees them too; without it the function is transformers' sdpa attention.
+PACKED_ATTENTION = "crl_packed_rows"
+
+
+def _packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
+                      dropout: float = 0.0, scaling: float | None = None,
+                      crl_segments: tuple[tuple[int, int], ...] | None = None, **kwargs: Any) -> tuple[Tensor, Any]:
+    """Causal SDPA within each segment of a packed [1, heads, N, d] sequence -> [1, N, heads, d] (HF's layout)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if crl_segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if query.shape[0] != 1 or query.shape[2] != crl_segments[-1][1]:
+        raise RuntimeError(f"packed attention got a query of shape {tuple(query.shape)} for segments ending at "
+                           f"{crl_segments[-1][1]}; packed passes take one [1, N] sequence")
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    outs = [torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling,
+        is_causal=e - s > 1, enable_gqa=gqa) for s, e in crl_segments]
+    return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
+
+
+def use_packed_attention(model: nn.Module) -> bool:
+    """Let ``model`` run packed passes (see ``forward_hidden(segments=...)``); False if it does not use sdpa.
+
+    Other passes are unchanged: without segments the registered function is sdpa attention with sdpa's mask.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    config = base_causal_lm(model).config
+    if config._attn_implementation not in ("sdpa", PACKED_ATTENTION):
+        return False
+    AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    config._attn_implementation = PACKED_ATTENTION
+    return True
+
+
+def segments(lengths: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """(start, end) of each non-empty row in a packed sequence of rows of ``lengths`` tokens."""
+    bounds, start = [], 0
+    for n in lengths:
+        if n > 0:
+            bounds.append((start, start + int(n)))
+        start += int(n)
+    return tuple(bounds)
+
+
 def adapter_disabled(model: nn.Module):
     """Context manager: the original model (peft ``disable_adapter``), or a no-op for a plain model."""
     disable = getattr(model, "disable_adapter", None)
@@ -87,11 +178,13 @@ def adapter_disabled(model: nn.Module):
 
 
 def forward_hidden(model: nn.Module, batch: dict[str, Tensor], depth: int, *,
-                   logits_positions: Tensor | None = None) -> tuple[tuple[Tensor, ...], Tensor | None]:
+                   logits_positions: Tensor | None = None,
+                   segments: tuple[tuple[int, int], ...] | None = None) -> tuple[tuple[Tensor, ...], Tensor | None]:
     """(hidden_states[0..depth], logits) of one pass over ``batch`` (input_ids, attention_mask, position_ids).
 
     ``logits_positions``: 1-D column indices whose logits are needed ([B, len, V]); None = no logits (the LM head
-    then runs on one position only, which transformers needs anyway).
+    then runs on one position only, which transformers needs anyway). ``segments``: ``batch`` is one packed
+    sequence of rows at these (start, end) spans (needs ``use_packed_attention(model)``).
     """
     n = num_blocks(model)
     depth = min(depth, n)
@@ -99,9 +192,9 @@ def forward_hidden(model: nn.Module, batch: dict[str, Tensor], depth: int, *,
     if logits_positions is not None and depth < n:
         raise ValueError("logits need the full depth")
     with _truncated(model, depth):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                     position_ids=batch.get("position_ids"), output_hidden_states=True, use_cache=False,
-                    logits_to_keep=keep)
+                    logits_to_keep=keep, **({} if segments is None else {"crl_segments": segments}))
     hidden = tuple(out.hidden_states)
     if len(hidden) != depth + 1:
         raise RuntimeError(f"{type(base_causal_lm(model)).__name__} returned {len(hidden)} hidden states for depth "

@@ -3,9 +3,14 @@
 Pure torch (no Ray, no MLflow). Compared with the reference step (a frozen and a LoRA pass per batch, each through
 every block and the LM head), it does only the work the loss needs and computes the same value:
 
-- benign and harmful rows share one frozen pass and one LoRA pass (one batch of 2B rows);
 - passes used only for hidden states stop after the deepest block the loss reads, and skip the LM head;
-- the retain pass computes logits only in columns that hold a real token of some row.
+- the retain pass computes logits only where a real token is;
+- unpadded (``train.unpad``, default on CPU): the real tokens of all rows run as one packed sequence with
+  attention inside each row (``crl_ray.model.segments``), so no block, distance or logit is computed for padding
+  (the rows' position ids are kept, so every token sees what it saw padded);
+- benign and harmful rows share one frozen pass and one LoRA pass (unless a miner perturbs the harmful pass);
+  unpadded, when those passes are full depth anyway, the retain rows join them too (logits at their tokens only);
+- the loss terms read only the token positions their masks select (gathered once per layer).
 
 Data parallel: token counts, centroids and the number of KL sequences are summed over ranks (``Collectives``),
 so rank r returns its share of the *global* loss; the backward value is multiplied by the world size because
@@ -33,7 +38,7 @@ from crl_ray.losses import (
     repbend_cluster,
     triplet_terms,
 )
-from crl_ray.model import adapter_disabled, forward_hidden, logit_columns
+from crl_ray.model import adapter_disabled, forward_hidden, logit_columns, segments, use_packed_attention
 
 Batch = dict[str, Tensor]
 
@@ -117,33 +122,86 @@ def _tokens(*batches: Batch) -> int:
     return int(sum(int(b["attention_mask"].sum()) for b in batches))
 
 
+def _packed_batch(batch: Batch) -> tuple[Batch, list[int], Tensor]:
+    """The real tokens of all rows as one [1, N] sequence (row-major, original position ids); row lengths; [B, T]
+    mask of the real tokens."""
+    real = batch["attention_mask"].bool()
+    if "position_ids" in batch:
+        positions = batch["position_ids"]
+    else:  # what a padded forward would have used: the column index
+        positions = torch.arange(real.shape[1], device=real.device).expand_as(real)
+    sub = {"input_ids": batch["input_ids"][real][None], "position_ids": positions[real][None]}
+    return sub, real.sum(1).tolist(), real
+
+
+def _gather(hidden: tuple[Tensor, ...] | list[Tensor], select: Tensor, layers: set[int]) -> list[Tensor | None]:
+    """Per layer, the [1, M, D] states at the positions ``select`` ([B, T] bool) marks, row-major; None elsewhere."""
+    return [h[select][None] if i in layers else None for i, h in enumerate(hidden)]
+
+
 class StepComputer:
     """Computes the loss of one micro-step; owns nothing but references (model, plan, miner)."""
 
     def __init__(self, cfg: SweepConfig, model: nn.Module, plan: LossPlan, *, miner: Any = None,
-                 collectives: Collectives | None = None):
+                 collectives: Collectives | None = None, unpad: bool | None = None):
         self.cfg = cfg
         self.model = model
         self.plan = plan
         self.miner = miner
         self.coll = collectives or Collectives()
+        if unpad is None:
+            unpad = cfg.train.unpad
+        if unpad == "auto":
+            unpad = next(model.parameters()).device.type == "cpu" and use_packed_attention(model)
+        elif unpad and not use_packed_attention(model):
+            raise ValueError("train.unpad needs the model's sdpa attention; set model attention to sdpa or "
+                             "train.unpad: false")
+        self.unpad = bool(unpad)
 
     # -------------------------------------------------------------------------------------- passes
-    def _frozen(self, batch: Batch, depth: int, logits: Tensor | None = None):
+    def _frozen(self, batch: Batch, depth: int, logits: Tensor | None = None, spans=None):
         with torch.no_grad(), adapter_disabled(self.model):
-            return forward_hidden(self.model, batch, depth, logits_positions=logits)
+            return forward_hidden(self.model, batch, depth, logits_positions=logits, segments=spans)
 
-    def _lora(self, batch: Batch, depth: int, logits: Tensor | None = None):
-        return forward_hidden(self.model, batch, depth, logits_positions=logits)
+    def _lora(self, batch: Batch, depth: int, logits: Tensor | None = None, spans=None):
+        return forward_hidden(self.model, batch, depth, logits_positions=logits, segments=spans)
+
+    def _states(self, batch: Batch, depth: int, selects: list[tuple[Tensor, set[int]]], *, frozen: bool,
+                unpad: bool, logits_select: Tensor | None = None):
+        """One pass (frozen or LoRA) over ``batch``; for each (select [B, T], layers), hidden_states[0..depth] at
+        the selected positions ([1, M, D], row-major) for those layers. With ``logits_select`` ([B, T], unpadded
+        only) also the logits at those positions ([1, M', V]), else None.
+
+        Unpadded: the rows' real tokens run as one packed sequence (selections must lie within them).
+        """
+        run = self._frozen if frozen else self._lora
+        if not unpad:
+            hidden, _ = run(batch, depth)
+            return [_gather(hidden, select, layers) for select, layers in selects], None
+        sub, lengths, real = _packed_batch(batch)
+        if any(bool((select & ~real).any()) for select, _ in selects):
+            raise ValueError("a loss mask selects a padding position; masks must lie within attention_mask")
+        positions = None if logits_select is None else logits_select[real].nonzero().squeeze(-1)
+        hidden, logits = run(sub, depth, positions, spans=segments(lengths))
+        return [_gather(hidden, select[real][None], layers) for select, layers in selects], logits
 
     def _kl(self, retain: Batch) -> tuple[Tensor, Tensor]:
-        """(KL term, number of retain sequences over all ranks); frozen and LoRA logits at real-token columns."""
-        cols = logit_columns(retain["attention_mask"])
+        """(KL term, number of retain sequences over all ranks); frozen and LoRA logits at real tokens only."""
         n = self.plan.num_blocks
-        _, z0 = self._frozen(retain, n, cols)
-        _, z = self._lora(retain, n, cols)
         seqs = self.coll.sum(torch.tensor(float(retain["input_ids"].shape[0])))
-        kl = kl_retain(z0, z, retain["attention_mask"][:, cols], self.cfg.loss.kl_temperature, num_sequences=seqs)
+        if self.unpad:
+            sub, lengths, _ = _packed_batch(retain)
+            every = torch.arange(sum(lengths), device=retain["input_ids"].device)
+            spans = segments(lengths)
+            _, z0 = self._frozen(sub, n, every, spans)
+            _, z = self._lora(sub, n, every, spans)
+            mask = torch.ones(z.shape[:2], device=z.device)
+        else:
+            cols = logit_columns(retain["attention_mask"])
+            _, z0 = self._frozen(retain, n, cols)
+            _, z = self._lora(retain, n, cols)
+            mask = retain["attention_mask"][:, cols]
+        kl = kl_retain(z0, z, mask, self.cfg.loss.kl_temperature, num_sequences=seqs)
         return kl, seqs
 
     def _global_count(self, mask: Tensor) -> Tensor:
@@ -165,45 +223,69 @@ class StepComputer:
     def _crl(self, benign: Batch, harmful: Batch, retain: Batch, micro_step: int):
         cfg, plan, loss_cfg = self.cfg, self.plan, self.cfg.loss
         depth = plan.deepest_layer
-        nb = benign["input_ids"].shape[0]
+        nh = harmful["input_ids"].shape[0]
         metrics: dict[str, float] = {}
 
-        h0, _ = self._frozen(_cat(benign, harmful), depth)
-        h0_b, h0_h = _split(h0, nb)
-
+        # mining first: whether this step's harmful LoRA pass runs perturbed decides how it is laid out
         use_attack, soft_mask, harmful_in = False, None, harmful
         if self.miner is not None:
             metrics.update(self.miner.step(micro_step, harmful))
             use_attack = self.miner.draw_use()
             metrics["mining/used"] = float(use_attack)
             if use_attack:
-                harmful_in, harmful_soft = self.miner.prepare(harmful)
-                if harmful_soft is not None:
-                    soft_mask = torch.cat([torch.zeros_like(benign["attention_mask"], dtype=torch.bool),
-                                           harmful_soft], 0)
-        both = _cat(benign, harmful_in)
-        if use_attack:
-            with self.miner.applied(slice(nb, both["input_ids"].shape[0]), soft_mask):
-                h, _ = self._lora(both, depth)
-        else:
-            h, _ = self._lora(both, depth)
-        h_b, h_h = _split(h, nb)
+                harmful_in, soft_mask = self.miner.prepare(harmful)
 
-        mb = position_mask(benign, loss_cfg.benign_mask, loss_cfg.first_k)
-        mh = position_mask(harmful_in, loss_cfg.harmful_mask, loss_cfg.first_k)
+        mb = position_mask(benign, loss_cfg.benign_mask, loss_cfg.first_k).bool()
+        mh = position_mask(harmful_in, loss_cfg.harmful_mask, loss_cfg.first_k).bool()
+        layers_b, layers_h = set(plan.benign_layers), set(plan.target_layers)
+        layers = layers_b | layers_h
+        loss_kl = None
+        if use_attack:
+            # the perturbed harmful pass keeps the padded layout the miner works in (soft prompts sit in padding)
+            (h0_b,), _ = self._states(benign, depth, [(mb, layers_b)], frozen=True, unpad=self.unpad)
+            (h_b,), _ = self._states(benign, depth, [(mb, layers_b)], frozen=False, unpad=self.unpad)
+            (h0_h,), _ = self._states(harmful, depth, [(mh, layers_h)], frozen=True, unpad=False)
+            with self.miner.applied(slice(0, nh), soft_mask):
+                (h_h,), _ = self._states(harmful_in, depth, [(mh, layers)], frozen=False, unpad=False)
+        elif self.unpad and depth == plan.num_blocks:
+            # every pass is full depth: benign, harmful and retain rows in one frozen and one LoRA pass, logits
+            # at the retain rows' tokens only
+            every = _cat(_cat(benign, harmful), retain)
+            none = {k: torch.zeros_like(v, dtype=torch.bool) for k, v in (("b", mb), ("h", mh))}
+            none["r"] = torch.zeros_like(retain["attention_mask"], dtype=torch.bool)
+            sel_b = torch.cat([mb, none["h"], none["r"]], 0)
+            sel_h = torch.cat([none["b"], mh, none["r"]], 0)
+            sel_r = torch.cat([none["b"], none["h"], retain["attention_mask"].bool()], 0)
+            (h0_b, h0_h), z0 = self._states(every, depth, [(sel_b, layers_b), (sel_h, layers_h)], frozen=True,
+                                            unpad=True, logits_select=sel_r)
+            (h_b, h_h), z = self._states(every, depth, [(sel_b, layers_b), (sel_h, layers)], frozen=False,
+                                         unpad=True, logits_select=sel_r)
+            seqs = self.coll.sum(torch.tensor(float(retain["input_ids"].shape[0])))
+            loss_kl = kl_retain(z0, z, torch.ones(z.shape[:2], device=z.device), loss_cfg.kl_temperature,
+                                num_sequences=seqs)
+        else:  # benign and harmful rows in one frozen and one LoRA pass
+            both = _cat(benign, harmful)
+            sel_b = torch.cat([mb, torch.zeros_like(mh)], 0)
+            sel_h = torch.cat([torch.zeros_like(mb), mh], 0)
+            (h0_b, h0_h), _ = self._states(both, depth, [(sel_b, layers_b), (sel_h, layers_h)], frozen=True,
+                                           unpad=self.unpad)
+            (h_b, h_h), _ = self._states(both, depth, [(sel_b, layers_b), (sel_h, layers)], frozen=False,
+                                         unpad=self.unpad)
+
         count_b, count_h = self._global_count(mb), self._global_count(mh)
-        centroids = {}
-        for layer in sorted(set(plan.benign_layers) | set(plan.target_layers)):
-            local_sum = (h_h[layer].float() * mh.unsqueeze(-1)).sum(dim=(0, 1))
-            centroids[layer] = self.coll.sum_grad(local_sum) / count_h
+        centroids = {layer: self.coll.sum_grad(h_h[layer].float().sum(dim=(0, 1))) / count_h
+                     for layer in sorted(layers)}
+        ones_b = torch.ones(h_b[max(layers_b)].shape[:2], device=mb.device)
+        ones_h = torch.ones(h_h[max(layers_h)].shape[:2], device=mh.device)
         loss_b, loss_h, diag = triplet_terms(
-            h_b, h0_b, mb, h_h, h0_h, mh,
+            h_b, h0_b, ones_b, h_h, h0_h, ones_h,
             benign_layers=list(plan.benign_layers), harmful_layers=list(plan.target_layers),
             margin_benign=loss_cfg.margin_benign, margin_harmful=loss_cfg.margin_harmful,
             dist_benign_pos=loss_cfg.dist_benign_pos, dist_benign_neg=loss_cfg.dist_benign_neg,
             dist_harmful_pos=loss_cfg.dist_harmful_pos, dist_harmful_neg=loss_cfg.dist_harmful_neg,
             return_diagnostics=True, centroids=centroids, benign_count=count_b, harmful_count=count_h)
-        loss_kl, _ = self._kl(retain)
+        if loss_kl is None:
+            loss_kl, _ = self._kl(retain)
         local = loss_cfg.alpha * loss_b + loss_cfg.beta * loss_h + loss_cfg.gamma * loss_kl
         terms = {"loss": local, "loss_b": loss_b, "loss_h": loss_h, "loss_kl": loss_kl}
         metrics.update({f"train/{k}": float(self.coll.sum(v.detach().float())) for k, v in terms.items()})

@@ -123,7 +123,8 @@ class Worker:
     def _build_model(self) -> None:
         from crl_ray.data import load_model_and_tokenizer
         from crl_ray.mining import Miner, template_suffix_length
-        from crl_ray.model import apply_lora, decoder_layers, lora_blocks, num_blocks
+        from crl_ray.model import (apply_lora, decoder_layers, enable_activation_checkpointing, lora_blocks,
+                                   num_blocks)
         from crl_ray.step import Collectives, LossPlan, StepComputer
 
         cfg = self.cfg
@@ -132,6 +133,8 @@ class Worker:
         self.plan = LossPlan.from_config(cfg, n)
         self.blocks = lora_blocks(cfg, n, self.plan.deepest_layer)
         model = apply_lora(model, cfg, self.blocks)
+        enable_activation_checkpointing(model, cfg.train.activation_checkpointing,
+                                        cfg.train.activation_checkpointing_every)
         model.to(self.device)
         self.sharded = self.distributed
         if self.sharded:

@@ -16,7 +16,8 @@ from torch.testing import assert_close
 
 from crl_ray.bench.step import naive_step, synthetic_batch
 from crl_ray.config import parse_config
-from crl_ray.model import apply_lora, forward_hidden, lora_blocks, num_blocks
+from crl_ray.model import (apply_lora, enable_activation_checkpointing, forward_hidden, lora_blocks, num_blocks,
+                           segments, use_packed_attention)
 from crl_ray.step import LossPlan, StepComputer
 from crl_ray.train import ADAPTER_DIR, Worker, micro_batch, prepare_data, run_training
 from helpers_tiny import tiny_llama, tiny_tokenizer
@@ -87,6 +88,79 @@ def test_forward_hidden_truncated_equals_full_pass(tiny_model_dir):
     cols = torch.tensor([3, 7, 13])
     _, logits = forward_hidden(model, batch, 4, logits_positions=cols)
     assert_close(logits, full.logits[:, cols])
+
+
+def test_packed_rows_equal_each_row_alone(tiny_model_dir):
+    """One packed sequence with per-row attention = a forward on each row's real tokens (hidden states, logits)."""
+    from crl_ray.step import _packed_batch
+
+    cfg = make_cfg(tiny_model_dir)
+    model, _ = lora_model(cfg)
+    assert use_packed_attention(model)
+    batch = synthetic_batch(300, 3, 8, 6, torch.Generator().manual_seed(2))
+    sub, lengths, real = _packed_batch(batch)
+    assert sub["input_ids"].shape == (1, int(batch["attention_mask"].sum())) and lengths == real.sum(1).tolist()
+    every = torch.arange(sum(lengths))
+    hidden, logits = forward_hidden(model, sub, 4, logits_positions=every, segments=segments(lengths))
+    start = 0
+    for row, n in enumerate(lengths):
+        cols = real[row].nonzero().squeeze(-1)
+        alone = model(input_ids=batch["input_ids"][row, cols][None], position_ids=batch["position_ids"][row, cols][None],
+                      output_hidden_states=True)
+        for i in range(5):
+            assert_close(hidden[i][:, start:start + n], alone.hidden_states[i], rtol=1e-5, atol=1e-5)
+        assert_close(logits[:, start:start + n], alone.logits, rtol=1e-5, atol=1e-5)
+        # and the padded batch's states at this row's real tokens
+        padded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], output_hidden_states=True)
+        assert_close(hidden[2][0, start:start + n], padded.hidden_states[2][row, cols], rtol=1e-5, atol=1e-5)
+        start += n
+    assert segments([2, 0, 3]) == ((0, 2), (2, 5))
+    # without segments the registered attention is plain sdpa: a padded batch gives what it gave before
+    plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=batch["position_ids"])
+    assert_close(plain.logits, padded.logits)
+
+
+def test_unpad_needs_sdpa_attention(tiny_model_dir):
+    cfg = make_cfg(tiny_model_dir)
+    model, plan = lora_model(cfg)
+    model.get_base_model().config._attn_implementation = "eager"
+    assert StepComputer(cfg, model, plan).unpad is False  # auto falls back to padded passes
+    with pytest.raises(ValueError, match="train.unpad"):
+        StepComputer(cfg, model, plan, unpad=True)
+
+
+@pytest.mark.parametrize("layout", [
+    {"unpad": False, "checkpointing": "off", "every": 1},
+    {"unpad": True, "checkpointing": "off", "every": 1},
+    {"unpad": True, "checkpointing": "selective", "every": 1},
+    {"unpad": True, "checkpointing": "full", "every": 2},
+    {"unpad": False, "checkpointing": "selective", "every": 1},
+    {"unpad": True, "checkpointing": "selective", "every": 1, "benign_layers": "target"},  # passes stop at block 3
+])
+def test_step_layouts_give_the_same_loss_and_gradients(tiny_model_dir, layout):
+    """Packed rows and activation checkpointing change the work, not the loss or its gradients."""
+    cfg = make_cfg(tiny_model_dir, loss={"benign_mask": "response_first_k", "first_k": 3,
+                                         "harmful_mask": "request_response", "target_layers": [1, 3],
+                                         "benign_layers": layout.get("benign_layers", "all")})
+    model, plan = lora_model(cfg)
+    gen = torch.Generator().manual_seed(9)
+    batches = [synthetic_batch(300, 3, 10, 8, gen) for _ in range(3)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    naive_loss, _ = naive_step(model, cfg, plan, *batches)
+    naive_loss.backward()
+    naive_grads = [p.grad.clone() for p in trainable]
+    for p in trainable:
+        p.grad = None
+    enable_activation_checkpointing(model, layout["checkpointing"], layout["every"])
+    computer = StepComputer(cfg, model, plan, unpad=layout["unpad"])
+    assert computer.unpad is layout["unpad"]
+    value, _ = computer(*batches, micro_step=0, optimizer_step=0)
+    value.backward()
+    assert_close(value, naive_loss, rtol=1e-5, atol=1e-6)
+    for g, ng in zip((p.grad for p in trainable), naive_grads):
+        assert_close(g, ng, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("loss", [

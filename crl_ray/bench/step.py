@@ -2,7 +2,9 @@
 
 The naive step follows the reference code: for each of the benign, harmful and retain batches, one frozen pass
 (adapter disabled) and one LoRA pass, each through every block and the LM head with ``output_hidden_states``;
-then the same loss functions. The project's step is :class:`crl_ray.step.StepComputer`. Both run on the same
+then the same loss functions. The project's step is :class:`crl_ray.step.StepComputer` with the training job's
+settings (``train.unpad``, ``train.activation_checkpointing``: packed rows and selective checkpointing by default
+on CPU; ``--unpad`` and ``--activation-checkpointing`` change them; the JSON says which). Both run on the same
 model, LoRA initialisation, batches and seed, each in a fresh subprocess (peak RSS is per process), and the
 benchmark prints one JSON object: seconds per step, tokens/s, peak memory, loss values, and the ratios.
 
@@ -38,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="both", choices=["both", "project", "naive"],
                    help="both = run each in its own subprocess and compare")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--activation-checkpointing", default=None, choices=["selective", "full", "off"],
+                   help="project step: train.activation_checkpointing (default: the config default)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="project step: train.activation_checkpointing_every (default: the config default)")
+    p.add_argument("--unpad", default="auto", choices=["auto", "true", "false"],
+                   help="project step: train.unpad (auto = packed rows on CPU)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     return p
 
@@ -50,8 +58,13 @@ def bench_config(args: argparse.Namespace):
         loss.update(alpha=0.5, beta=0.6, gamma=0.7, margin_benign=2.0, margin_harmful=3.0, dist_benign_pos="l2",
                     dist_benign_neg="cosine", dist_harmful_pos="cosine", dist_harmful_neg="cosine")
     half = args.seq // 2
+    train: dict[str, Any] = {"unpad": {"true": True, "false": False}.get(args.unpad, "auto")}
+    if args.activation_checkpointing is not None:
+        train["activation_checkpointing"] = args.activation_checkpointing
+    if args.checkpoint_every is not None:
+        train["activation_checkpointing_every"] = args.checkpoint_every
     return parse_config({
-        "name": "bench-step", "model": {"name": args.model},
+        "name": "bench-step", "model": {"name": args.model}, "train": train,
         "lora": {"r": args.lora_r, "alpha": args.lora_r, "dropout": 0.0}, "loss": loss,
         "data": {"benign": [{"source": "benign_prompts", "answer": "refusal_template"}],
                  "harmful": [{"source": "advbench", "answer": "refusal_template"}],
@@ -115,7 +128,7 @@ def _peak_rss_gb() -> float:
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     """Build the model, run warm-up + timed steps of one variant in this process, return its numbers."""
     from crl_ray.data import load_model_and_tokenizer
-    from crl_ray.model import apply_lora, lora_blocks, num_blocks, seed_everything
+    from crl_ray.model import apply_lora, enable_activation_checkpointing, lora_blocks, num_blocks, seed_everything
     from crl_ray.step import LossPlan, StepComputer
 
     if args.threads:
@@ -131,6 +144,9 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    if args.variant != "naive":
+        enable_activation_checkpointing(model, cfg.train.activation_checkpointing,
+                                        cfg.train.activation_checkpointing_every)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -159,7 +175,10 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     return {"variant": args.variant, "seconds_per_step": round(s_per_step, 4),
             "tokens_per_step": tokens, "tokens_per_s": round(tokens / s_per_step, 2),
             "peak_rss_gb": round(_peak_rss_gb(), 3), "rss_before_steps_gb": round(rss_before, 3),
-            "loss": losses[-1], "terms": terms, "grad_norm": grad_norm, "threads": torch.get_num_threads()}
+            "loss": losses[-1], "terms": terms, "grad_norm": grad_norm, "threads": torch.get_num_threads(),
+            "settings": {} if args.variant == "naive" else {
+                "unpad": computer.unpad, "activation_checkpointing": cfg.train.activation_checkpointing,
+                "activation_checkpointing_every": cfg.train.activation_checkpointing_every}}
 
 
 def main(argv: list[str] | None = None) -> int:
