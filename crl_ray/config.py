@@ -332,10 +332,12 @@ class EmbeddingAttackConfig(Section):
     early_stop_loss: float = Field(
         0.05, gt=0, description="Stop a behaviour once its target cross-entropy is below this (configs: single)."
     )
-    init: str = Field("x x x x x x x x x x x x x x x x x x x x", min_length=1,
-                      description="Soft-prompt init text (configs: single).")
+    init: str = Field(
+        PAPER_EMBEDDING_RUNS[4]["init"], min_length=1,
+        description="Soft-prompt init text (configs: single); default: the paper's fifth configuration's text "
+        "(natural language: a repeated-token init such as 'x x x' is copied into generations after the target).")
     soft_prompt_tokens: int | None = Field(
-        20, gt=0, description="Soft-prompt vectors: the init text's tokens repeated or cut to this many; "
+        None, gt=0, description="Soft-prompt vectors: the init text's tokens repeated or cut to this many; "
         "null = the init text's own token count (as in the paper's code).",
     )
     batch_size: int = Field(

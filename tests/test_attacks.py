@@ -200,7 +200,8 @@ def test_embedding_attack_fields_change_the_result(model, tok, behaviors) -> Non
     base = run_attack("embedding", model, tok, behaviors, eval_cfg())
     assert [r.attack for r in base] == ["embedding"] * 3
     assert all(c.config == "embedding/cfg0" and c.steps == 3 for r in base for c in r.candidates)
-    assert all("<soft prompt: 20 vectors><|im_end|>" in r.candidates[0].final_input for r in base)
+    n_default = len(init_ids(tok, EmbeddingAttackConfig().init, None))  # default: the init text's own tokens
+    assert all(f"<soft prompt: {n_default} vectors><|im_end|>" in r.candidates[0].final_input for r in base)
     loss = [r.candidates[0].loss for r in base]
     for change in ({"lr": 0.01}, {"init": "The quick brown fox"}, {"steps": 1}, {"soft_prompt_tokens": 5}):
         other = run_attack("embedding", model, tok, behaviors, eval_cfg(**change))
@@ -246,7 +247,7 @@ def test_soft_prompt_generation_is_the_greedy_answer_to_the_optimised_embeddings
     lays = [attack_layout(tok, b) for b in behaviors]
     run = EmbeddingRunConfig(lr=0.1, early_stop_loss=1e-9, init="x")
     soft = optimise_soft_prompts(model, tok, lays, run=run, steps=2, soft_prompt_tokens=20, batch_size=3)
-    cfg = eval_cfg(steps=2, init="x")
+    cfg = eval_cfg(steps=2, init="x", soft_prompt_tokens=20)
     got = run_attack("embedding", model, tok, behaviors, cfg)
     emb = model.get_input_embeddings()
     for lay, s, res in zip(lays, soft, got):
