@@ -114,10 +114,6 @@ def _cat(a: Batch, b: Batch) -> Batch:
     return {k: torch.cat([a[k], b[k]], 0) for k in a if k in b}
 
 
-def _split(hidden: tuple[Tensor, ...], n: int) -> tuple[list[Tensor], list[Tensor]]:
-    return [h[:n] for h in hidden], [h[n:] for h in hidden]
-
-
 def _tokens(*batches: Batch) -> int:
     return int(sum(int(b["attention_mask"].sum()) for b in batches))
 
