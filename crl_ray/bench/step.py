@@ -153,7 +153,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     half = args.seq // 2
     batches = [synthetic_batch(vocab, args.batch, half, args.seq - half, gen) for _ in range(3)]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    computer = StepComputer(cfg, model, plan)
+    computer = None if args.variant == "naive" else StepComputer(cfg, model, plan)  # naive: plain sdpa model
     rss_before = _peak_rss_gb()
     times, losses, terms = [], [], {}
     for i in range(args.warmup + args.steps):
