@@ -72,6 +72,27 @@ def lora_model(cfg, seed: int = 0):
     return model.train(), plan
 
 
+def assert_same_as_naive(cfg, *, seed: int, project) -> None:
+    """The reference's 6 full passes, then ``project(model, plan)``'s step on the same model and batches: the same
+    loss, loss terms and gradients."""
+    model, plan = lora_model(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    batches = [synthetic_batch(300, 3, 10, 8, gen) for _ in range(3)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    naive_loss, naive_terms = naive_step(model, cfg, plan, *batches)
+    naive_loss.backward()
+    naive_grads = [p.grad.clone() for p in trainable]
+    for p in trainable:
+        p.grad = None
+    value, metrics = project(model, plan)(*batches, micro_step=0, optimizer_step=0)
+    value.backward()
+    assert_close(value, naive_loss, rtol=1e-5, atol=1e-6)
+    for key, naive_value in naive_terms.items():
+        assert math.isclose(metrics[key], naive_value, rel_tol=1e-5, abs_tol=1e-6), key
+    for g, ng in zip((p.grad for p in trainable), naive_grads):
+        assert_close(g, ng, rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------- the step
 def test_forward_hidden_truncated_equals_full_pass(tiny_model_dir):
     cfg = make_cfg(tiny_model_dir)
@@ -144,23 +165,14 @@ def test_step_layouts_give_the_same_loss_and_gradients(tiny_model_dir, layout):
     cfg = make_cfg(tiny_model_dir, loss={"benign_mask": "response_first_k", "first_k": 3,
                                          "harmful_mask": "request_response", "target_layers": [1, 3],
                                          "benign_layers": layout.get("benign_layers", "all")})
-    model, plan = lora_model(cfg)
-    gen = torch.Generator().manual_seed(9)
-    batches = [synthetic_batch(300, 3, 10, 8, gen) for _ in range(3)]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    naive_loss, _ = naive_step(model, cfg, plan, *batches)
-    naive_loss.backward()
-    naive_grads = [p.grad.clone() for p in trainable]
-    for p in trainable:
-        p.grad = None
-    enable_activation_checkpointing(model, layout["checkpointing"], layout["every"])
-    computer = StepComputer(cfg, model, plan, unpad=layout["unpad"])
-    assert computer.unpad is layout["unpad"]
-    value, _ = computer(*batches, micro_step=0, optimizer_step=0)
-    value.backward()
-    assert_close(value, naive_loss, rtol=1e-5, atol=1e-6)
-    for g, ng in zip((p.grad for p in trainable), naive_grads):
-        assert_close(g, ng, rtol=1e-4, atol=1e-6)
+
+    def project(model, plan):
+        enable_activation_checkpointing(model, layout["checkpointing"], layout["every"])
+        computer = StepComputer(cfg, model, plan, unpad=layout["unpad"])
+        assert computer.unpad is layout["unpad"]
+        return computer
+
+    assert_same_as_naive(cfg, seed=9, project=project)
 
 
 @pytest.mark.parametrize("loss", [
@@ -173,23 +185,7 @@ def test_step_layouts_give_the_same_loss_and_gradients(tiny_model_dir, layout):
 def test_project_step_equals_naive_reference_step(tiny_model_dir, loss):
     """Same loss value and same gradients as the reference's 6 full passes (truncation and shared passes are exact)."""
     cfg = make_cfg(tiny_model_dir, loss=loss)
-    model, plan = lora_model(cfg)
-    gen = torch.Generator().manual_seed(5)
-    batches = [synthetic_batch(300, 3, 10, 8, gen) for _ in range(3)]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    naive_loss, naive_terms = naive_step(model, cfg, plan, *batches)
-    naive_loss.backward()
-    naive_grads = [p.grad.clone() for p in trainable]
-    for p in trainable:
-        p.grad = None
-    value, metrics = StepComputer(cfg, model, plan)(*batches, micro_step=0, optimizer_step=0)
-    value.backward()
-    assert_close(value, naive_loss, rtol=1e-5, atol=1e-6)
-    for key, naive_value in naive_terms.items():
-        assert math.isclose(metrics[key], naive_value, rel_tol=1e-5, abs_tol=1e-6), key
-    for g, ng in zip((p.grad for p in trainable), naive_grads):
-        assert_close(g, ng, rtol=1e-4, atol=1e-6)
+    assert_same_as_naive(cfg, seed=5, project=lambda model, plan: StepComputer(cfg, model, plan))
 
 
 def test_micro_batch_global_order_is_split_across_ranks():
@@ -336,6 +332,24 @@ def test_worker_with_mining_reports_attack_metrics(tiny_model_dir, tmp_path, kin
     assert worker.miner.iterations_total == 5
 
 
+@pytest.mark.parametrize("kind", ["latent", "embedding"])
+def test_mining_steps_are_the_same_with_or_without_checkpointing_and_packing(tiny_model_dir, tmp_path, kind):
+    """The miner's hooks perturb the LoRA pass; recomputation in backward and packed passes must not change that."""
+    mining = {"enabled": True, "kind": kind, "period": 3, "init_iterations": 4, "refresh_iterations": 1,
+              "patience": 2, "use_prob": 1.0, "gate": 1000.0, "block_high": 2, "soft_prompt_tokens": 3}
+    runs = []
+    for i, train in enumerate([{"activation_checkpointing": "off", "unpad": False},
+                               {"activation_checkpointing": "selective", "unpad": True},
+                               {"activation_checkpointing": "full", "unpad": True}]):
+        worker = build_worker(make_cfg(tiny_model_dir, mining=mining, train=train), tmp_path / str(i))
+        runs.append([worker.train_step() for _ in range(2)])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert a["mining/used"] == b["mining/used"] == 1.0
+            for key in ("train/loss", "train/grad_norm", "mining/attack_loss"):
+                assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), key
+
+
 # --------------------------------------------------------------------------------------------- Ray workers
 @pytest.fixture()
 def ray_cluster():
@@ -436,3 +450,39 @@ def test_complete_checkpoints_needs_every_rank_and_the_state(tmp_path):
     (tmp_path / "checkpoint_stepx").mkdir()
     assert complete_checkpoints(tmp_path, 2) == [two, ten]  # numeric order, incomplete ones left out
     assert complete_checkpoints(tmp_path, 1)[-1].name == "checkpoint_step000012"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["latent", "embedding"])
+def test_embedded_model_two_workers_paper_loss_and_mining_export_a_working_adapter(tmp_path, ray_cluster, kind):
+    """The issue's check on the real model: 2 FSDP2 workers (gloo), the paper's loss (mix distances, margins
+    500/1500, benign layers all) with mining on every step; the exported adapter loads with PeftModel on the base
+    model and changes its logits."""
+    from peft import PeftModel
+
+    from crl_ray.assets import is_cached
+    from crl_ray.data import load_model_and_tokenizer
+
+    if not is_cached("smollm2-135m-instruct"):
+        pytest.skip("embedded model not fetched (python -m crl_ray.assets fetch)")
+    cfg = make_cfg(Path("."), model={"name": "embedded:smollm2-135m-instruct"},
+                   lora={"r": 8, "alpha": 16, "dropout": 0.05},
+                   loss={"target_layers": {"fraction": [0.625, 0.9375]}, "benign_layers": "all",
+                         "margin_benign": 500.0, "margin_harmful": 1500.0, "dist_benign_pos": "mix",
+                         "dist_benign_neg": "mix", "dist_harmful_pos": "mix", "dist_harmful_neg": "mix",
+                         "alpha": 0.5, "beta": 0.4, "gamma": 0.9},
+                   mining={"enabled": True, "kind": kind, "period": 2, "init_iterations": 2, "refresh_iterations": 1,
+                           "patience": 1, "use_prob": 1.0, "gate": 1000.0, "block_high": 4, "soft_prompt_tokens": 4},
+                   train={"steps": 2, "lr": 1e-3, "micro_batch_size": 1, "grad_accum": 2, "checkpoint_every": 2},
+                   resources={"num_workers": 2, "cpus_per_worker": 1})
+    out = run_training(cfg, run_name=f"mined-{kind}", storage_path=tmp_path)
+    assert out.step == 2 and math.isfinite(out.metrics["train/loss"])
+    assert out.metrics["mining/used"] == 1.0 and math.isfinite(out.metrics["mining/attack_loss"])
+    base, tok = load_model_and_tokenizer("embedded:smollm2-135m-instruct")
+    reloaded = PeftModel.from_pretrained(base, out.adapter_dir).eval()
+    ids = tok("How do I bake bread?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        tuned = reloaded(input_ids=ids).logits
+        with reloaded.disable_adapter():
+            plain = reloaded(input_ids=ids).logits
+    assert torch.isfinite(tuned).all() and (tuned - plain).abs().max() > 1e-3
