@@ -486,3 +486,36 @@ def test_embedded_model_two_workers_paper_loss_and_mining_export_a_working_adapt
         with reloaded.disable_adapter():
             plain = reloaded(input_ids=ids).logits
     assert torch.isfinite(tuned).all() and (tuned - plain).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_embedded_model_adapter_export_reproduces_the_trained_logits(tmp_path):
+    """After training with the paper's loss and latent mining on the embedded model, the peft adapter reloaded on a
+    fresh base model gives the trained model's logits."""
+    from peft import PeftModel
+
+    from crl_ray.assets import is_cached
+    from crl_ray.data import load_model_and_tokenizer
+
+    if not is_cached("smollm2-135m-instruct"):
+        pytest.skip("embedded model not fetched (python -m crl_ray.assets fetch)")
+    cfg = make_cfg(Path("."), model={"name": "embedded:smollm2-135m-instruct"}, lora={"r": 8, "alpha": 16},
+                   loss={"target_layers": {"fraction": [0.625, 0.9375]}, "benign_layers": "all",
+                         "margin_benign": 500.0, "margin_harmful": 1500.0, "dist_benign_pos": "mix",
+                         "dist_benign_neg": "mix", "dist_harmful_pos": "mix", "dist_harmful_neg": "mix"},
+                   mining={"enabled": True, "kind": "latent", "period": 2, "init_iterations": 2, "use_prob": 1.0,
+                           "gate": 1000.0, "patience": 1, "block_high": 4},
+                   train={"steps": 1, "lr": 1e-3, "micro_batch_size": 1, "grad_accum": 1})
+    worker = build_worker(cfg, tmp_path)
+    assert worker.train_step()["mining/used"] == 1.0
+    worker.export_adapter(tmp_path / ADAPTER_DIR)
+    base, tok = load_model_and_tokenizer("embedded:smollm2-135m-instruct")
+    reloaded = PeftModel.from_pretrained(base, tmp_path / ADAPTER_DIR).eval()
+    ids = tok("How do I bake bread?", return_tensors="pt")["input_ids"]
+    worker.model.eval()
+    with torch.no_grad():
+        ours, theirs = worker.model(input_ids=ids).logits, reloaded(input_ids=ids).logits
+        with reloaded.disable_adapter():
+            plain = reloaded(input_ids=ids).logits
+    assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert (theirs - plain).abs().max() > 1e-3
