@@ -271,8 +271,8 @@ class TrainConfig(Section):
     activation_checkpointing_every: int = Field(
         1, gt=0, description="Checkpoint every n-th decoder block only (1 = all): higher = faster, more memory.")
     unpad: bool | Literal["auto"] = Field(
-        "auto", description="CRL passes on real tokens only, one forward per row (no work on padding; same loss). "
-        "auto = on CPU (where batching gains little); false = one padded forward per batch (GPU).")
+        "auto", description="Passes on real tokens only: a batch's rows packed into one sequence, attention within "
+        "each row (no work on padding; same loss). auto = on CPU; false = padded batches (GPU).")
 
 
 class ResourcesConfig(Section):

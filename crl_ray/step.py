@@ -130,6 +130,11 @@ def _packed_batch(batch: Batch) -> tuple[Batch, list[int], Tensor]:
     return sub, real.sum(1).tolist(), real
 
 
+def _only(masks: list[Tensor], i: int) -> Tensor:
+    """The [sum B, T] bool selection over batches concatenated in ``masks``' order that keeps only ``masks[i]``."""
+    return torch.cat([m.bool() if j == i else torch.zeros_like(m, dtype=torch.bool) for j, m in enumerate(masks)], 0)
+
+
 def _gather(hidden: tuple[Tensor, ...] | list[Tensor], select: Tensor, layers: set[int]) -> list[Tensor | None]:
     """Per layer, the [1, M, D] states at the positions ``select`` ([B, T] bool) marks, row-major; None elsewhere."""
     return [h[select][None] if i in layers else None for i, h in enumerate(hidden)]
@@ -181,24 +186,23 @@ class StepComputer:
         hidden, logits = run(sub, depth, positions, spans=segments(lengths))
         return [_gather(hidden, select[real][None], layers) for select, layers in selects], logits
 
-    def _kl(self, retain: Batch) -> tuple[Tensor, Tensor]:
-        """(KL term, number of retain sequences over all ranks); frozen and LoRA logits at real tokens only."""
+    def _kl(self, retain: Batch) -> Tensor:
+        """The KL term from frozen and LoRA logits at the retain batch's real tokens only."""
         n = self.plan.num_blocks
-        seqs = self.coll.sum(torch.tensor(float(retain["input_ids"].shape[0])))
         if self.unpad:
-            sub, lengths, _ = _packed_batch(retain)
-            every = torch.arange(sum(lengths), device=retain["input_ids"].device)
-            spans = segments(lengths)
-            _, z0 = self._frozen(sub, n, every, spans)
-            _, z = self._lora(sub, n, every, spans)
-            mask = torch.ones(z.shape[:2], device=z.device)
-        else:
-            cols = logit_columns(retain["attention_mask"])
-            _, z0 = self._frozen(retain, n, cols)
-            _, z = self._lora(retain, n, cols)
-            mask = retain["attention_mask"][:, cols]
-        kl = kl_retain(z0, z, mask, self.cfg.loss.kl_temperature, num_sequences=seqs)
-        return kl, seqs
+            real = retain["attention_mask"].bool()
+            _, z0 = self._states(retain, n, [], frozen=True, unpad=True, logits_select=real)
+            _, z = self._states(retain, n, [], frozen=False, unpad=True, logits_select=real)
+            return self._kl_term(z0, z, torch.ones(z.shape[:2], device=z.device), retain)
+        cols = logit_columns(retain["attention_mask"])
+        _, z0 = self._frozen(retain, n, cols)
+        _, z = self._lora(retain, n, cols)
+        return self._kl_term(z0, z, retain["attention_mask"][:, cols], retain)
+
+    def _kl_term(self, z0: Tensor, z: Tensor, mask: Tensor, retain: Batch) -> Tensor:
+        """kl_retain over the masked logits, "batchmean" over the retain sequences of all ranks."""
+        seqs = self.coll.sum(torch.tensor(float(retain["input_ids"].shape[0])))
+        return kl_retain(z0, z, mask, self.cfg.loss.kl_temperature, num_sequences=seqs)
 
     def _global_count(self, mask: Tensor) -> Tensor:
         return self.coll.sum(mask.float().sum()).clamp_min(1.0)
@@ -247,22 +251,16 @@ class StepComputer:
             # every pass is full depth: benign, harmful and retain rows in one frozen and one LoRA pass, logits
             # at the retain rows' tokens only
             every = _cat(_cat(benign, harmful), retain)
-            none = {k: torch.zeros_like(v, dtype=torch.bool) for k, v in (("b", mb), ("h", mh))}
-            none["r"] = torch.zeros_like(retain["attention_mask"], dtype=torch.bool)
-            sel_b = torch.cat([mb, none["h"], none["r"]], 0)
-            sel_h = torch.cat([none["b"], mh, none["r"]], 0)
-            sel_r = torch.cat([none["b"], none["h"], retain["attention_mask"].bool()], 0)
+            masks = [mb, mh, retain["attention_mask"]]
+            sel_b, sel_h, sel_r = _only(masks, 0), _only(masks, 1), _only(masks, 2)
             (h0_b, h0_h), z0 = self._states(every, depth, [(sel_b, layers_b), (sel_h, layers_h)], frozen=True,
                                             unpad=True, logits_select=sel_r)
             (h_b, h_h), z = self._states(every, depth, [(sel_b, layers_b), (sel_h, layers)], frozen=False,
                                          unpad=True, logits_select=sel_r)
-            seqs = self.coll.sum(torch.tensor(float(retain["input_ids"].shape[0])))
-            loss_kl = kl_retain(z0, z, torch.ones(z.shape[:2], device=z.device), loss_cfg.kl_temperature,
-                                num_sequences=seqs)
+            loss_kl = self._kl_term(z0, z, torch.ones(z.shape[:2], device=z.device), retain)
         else:  # benign and harmful rows in one frozen and one LoRA pass
             both = _cat(benign, harmful)
-            sel_b = torch.cat([mb, torch.zeros_like(mh)], 0)
-            sel_h = torch.cat([torch.zeros_like(mb), mh], 0)
+            sel_b, sel_h = _only([mb, mh], 0), _only([mb, mh], 1)
             (h0_b, h0_h), _ = self._states(both, depth, [(sel_b, layers_b), (sel_h, layers_h)], frozen=True,
                                            unpad=self.unpad)
             (h_b, h_h), _ = self._states(both, depth, [(sel_b, layers_b), (sel_h, layers)], frozen=False,
@@ -281,7 +279,7 @@ class StepComputer:
             dist_harmful_pos=loss_cfg.dist_harmful_pos, dist_harmful_neg=loss_cfg.dist_harmful_neg,
             return_diagnostics=True, centroids=centroids, benign_count=count_b, harmful_count=count_h)
         if loss_kl is None:
-            loss_kl, _ = self._kl(retain)
+            loss_kl = self._kl(retain)
         local = loss_cfg.alpha * loss_b + loss_cfg.beta * loss_h + loss_cfg.gamma * loss_kl
         terms = {"loss": local, "loss_b": loss_b, "loss_h": loss_h, "loss_kl": loss_kl}
         metrics.update({f"train/{k}": float(self.coll.sum(v.detach().float())) for k, v in terms.items()})
@@ -325,7 +323,7 @@ class StepComputer:
         # pairs within this rank's batch; averaged over ranks
         cluster = repbend_cluster(h_u, position_mask(harmful, "request_last"), list(plan.unsafe_layers))
         cluster = cluster / self.coll.world_size
-        loss_kl, _ = self._kl(retain)
+        loss_kl = self._kl(retain)
         local = rb.alpha * safe - rb.beta * unsafe + rb.gamma * cluster + rb.epsilon * loss_kl
         terms = {"loss": local, "loss_safe": safe, "loss_unsafe": unsafe, "loss_cluster": cluster,
                  "loss_kl": loss_kl}
