@@ -83,7 +83,7 @@ def sweep_rows(cfg, out: Path, sweep_argv: Sequence[str], job=None) -> list[dict
         return outcome.rows
     command = [sys.executable, "-m", "crl_ray.sweep", *sweep_argv, f"storage.path={out}"]
     log.info("sweep: %s", " ".join(command))
-    code = subprocess.run(command).returncode
+    code = subprocess.run(command, stdout=sys.stderr).returncode  # stdout carries only the JSON result
     if code != 0:
         raise RuntimeError(f"the sweep exited with status {code}; no timing")
     return json.loads((out / cfg.name / "summary" / "results.json").read_text())
