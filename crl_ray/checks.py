@@ -354,6 +354,65 @@ def space_problems(raw: dict, cfg: SweepConfig, info: ModelInfo | None) -> list[
     return p
 
 
+# --------------------------------------------------------------------------------------------- warnings
+# Largest value of each bounded distance (crl_ray.losses.distance): 1 - cos <= 2; 0.3 * ||x^ - y^||^2 <= 0.3 * 4.
+# l2 and mix grow without bound.
+DISTANCE_MAX: dict[str, float] = {"cosine": 2.0, "l2_normalized_sq": 1.2}
+
+# (margin key, key of its subtracted distance d_neg, weight key of the term, hinge, symbols of m and d_neg, the hinge)
+_HINGES = (("margin_benign", "dist_benign_neg", "alpha", "benign", "m_b", "d_bn", "ReLU(d_bp - d_bn + m_b)"),
+           ("margin_harmful", "dist_harmful_neg", "beta", "harmful", "m_h", "d_hn", "ReLU(d_hp - d_hn + m_h)"))
+
+
+def margin_warnings(cfg: SweepConfig) -> list[str]:
+    """Warnings for triplet margins (fixed or searched) that cannot change the gradient; [] when all can.
+
+    A hinge ReLU(d_pos - d_neg + m) with d_pos >= 0 is positive for every input once m >= max(d_neg). With a bounded
+    d_neg (cosine <= 2, l2_normalized_sq <= 1.2) a margin at or above that bound keeps every hinge active: the margin
+    is then an additive constant with zero gradient, and all such margins train the same model. l2 and mix are
+    unbounded, so no margin is ruled out for them. Distances searched as categorical choices are checked per choice.
+    """
+    loss, space = cfg.loss, cfg.search.space
+    if loss.kind != "crl" and "loss.kind" not in space:
+        return []
+    out: list[str] = []
+    for margin_key, dist_key, weight_key, hinge, m, d_neg, formula in _HINGES:
+        if getattr(loss, weight_key) == 0 and f"loss.{weight_key}" not in space:
+            continue  # the term is off
+        dist_param = space.get(f"loss.{dist_key}")
+        dists = ([c for c in dist_param.choices if isinstance(c, str)] if isinstance(dist_param, CategoricalParam)
+                 else [getattr(loss, dist_key)])
+        for dist in dict.fromkeys(dists):
+            if dist not in DISTANCE_MAX:
+                continue
+            bound = DISTANCE_MAX[dist]
+            when = f" (when loss.{dist_key} is {dist})" if dist_param is not None else ""
+            why = (f"with {m} >= {bound:g} the {hinge} hinge {formula} is active at every token ({d_neg} = {dist} "
+                   f"is at most {bound:g}), so the margin is an additive constant with zero gradient{when}")
+            fix_dist = f"or use an unbounded distance (l2 or mix) for loss.{dist_key}"
+            param = space.get(f"loss.{margin_key}")
+            if param is None:
+                margin = getattr(loss, margin_key)
+                if margin >= bound:
+                    out.append(f"loss.{margin_key} = {margin:g} >= {bound:g}: {why}. Fix: set loss.{margin_key} "
+                               f"below {bound:g}, {fix_dist}.")
+            elif isinstance(param, (FloatParam, IntParam)):
+                where = f"search.space[loss.{margin_key}]"
+                if param.low >= bound:
+                    out.append(f"{where} searches {param.low:g}..{param.high:g}, all >= {bound:g}, and no value in "
+                               f"it changes training: {why}. Fix: search below {bound:g} (e.g. high: {bound:g}), "
+                               f"{fix_dist}.")
+                elif param.high > bound:
+                    out.append(f"{where} searches {param.low:g}..{param.high:g}, but every value from {bound:g} to "
+                               f"{param.high:g} trains the same model: {why}. Fix: set high: {bound:g}, {fix_dist}.")
+            elif isinstance(param, CategoricalParam):
+                dead = [c for c in param.choices if isinstance(c, (int, float)) and c >= bound]
+                if dead:
+                    out.append(f"search.space[loss.{margin_key}] choices {dead} are >= {bound:g} and all train the "
+                               f"same model: {why}. Fix: choose margins below {bound:g}, {fix_dist}.")
+    return out
+
+
 # --------------------------------------------------------------------------------------------- entry
 def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, ModelInfo]:
     """Read, override and validate a sweep file; raise ConfigError listing every problem found."""

@@ -74,10 +74,16 @@ def triplet_terms(
     L_b = sum_{l in L_b, i, t} M_b ReLU(d_bp(h_l, h0_l) - d_bn(h_l, c_l) + m_b) / (|L_b| sum M_b)
     L_h = sum_{l in S, i, t}   M_h ReLU(d_hp(h_l, c_l) - d_hn(h_l, h0_l) + m_h) / (|S| sum M_h)
     with c_l the masked mean of the LoRA harmful hidden states at layer l (with gradient).
-    With ``return_diagnostics`` a third value holds the mean positive/negative distances of both terms.
+
+    With ``return_diagnostics`` a third value (a dict of floats) holds, per term (benign, harmful):
+      - ``dist/{term}_pos``, ``dist/{term}_neg``: mean positive / negative distance over masked tokens;
+      - ``train/active_{term}``: the fraction of active hinges, i.e. of masked (token, layer) positions with
+        d_pos - d_neg + m > 0, = sum_{l,i,t} M [d_pos - d_neg + m > 0] / (|layers| sum M). Only active hinges pass
+        a gradient; while every hinge is active the margin is a constant and the term is an unbounded d_pos - d_neg.
 
     Data-parallel use: ``centroids`` (layer -> [D], computed over the global batch) and ``benign_count`` /
-    ``harmful_count`` (global mask sums) replace the local ones, so each rank returns its share of the global loss.
+    ``harmful_count`` (global mask sums) replace the local ones, so each rank returns its share of the global loss;
+    the active fractions use the same denominators, so they too are shares that sum over ranks to the global value.
     """
     mb = benign_mask.to(torch.float32)
     mh = harmful_mask.to(torch.float32)
@@ -89,19 +95,22 @@ def triplet_terms(
         return cache[layer]
 
     def hinge(hidden, pos_target, neg_target, mask, layers, d_pos_name, d_neg_name, margin, key):
-        """sum over layers and tokens of mask * ReLU(d_pos - d_neg + margin); mean distances per layer."""
+        """sum over layers and tokens of mask * ReLU(d_pos - d_neg + margin); mean distances per layer and the
+        number of active hinges (mask-weighted count of positive hinge arguments)."""
         total = hidden[layers[0]].new_zeros((), dtype=torch.float32)
-        means = {f"dist/{key}_pos": 0.0, f"dist/{key}_neg": 0.0}
+        diag = {f"dist/{key}_pos": 0.0, f"dist/{key}_neg": 0.0, f"train/active_{key}": 0.0}
         for layer in layers:
             h = hidden[layer]
             d_pos = distance(d_pos_name, h, pos_target(layer))
             d_neg = distance(d_neg_name, h, neg_target(layer))
-            total = total + (F.relu(d_pos - d_neg + margin) * mask).sum()
+            arg = d_pos - d_neg + margin
+            total = total + (F.relu(arg) * mask).sum()
             if return_diagnostics:
                 count = mask.sum().clamp_min(1.0)
-                means[f"dist/{key}_pos"] += float((d_pos.detach() * mask).sum() / count) / len(layers)
-                means[f"dist/{key}_neg"] += float((d_neg.detach() * mask).sum() / count) / len(layers)
-        return total, means
+                diag[f"dist/{key}_pos"] += float((d_pos.detach() * mask).sum() / count) / len(layers)
+                diag[f"dist/{key}_neg"] += float((d_neg.detach() * mask).sum() / count) / len(layers)
+                diag[f"train/active_{key}"] += float(((arg.detach() > 0).float() * mask).sum())
+        return total, diag
 
     benign_total, benign_diag = hinge(benign_lora, lambda l: benign_orig[l].detach(), centroid, mb, benign_layers,
                                       dist_benign_pos, dist_benign_neg, margin_benign, "benign")
@@ -113,6 +122,8 @@ def triplet_terms(
     loss_h = harmful_total / (len(harmful_layers) * nh)
     if not return_diagnostics:
         return loss_b, loss_h
+    benign_diag["train/active_benign"] /= len(benign_layers) * float(nb)
+    harmful_diag["train/active_harmful"] /= len(harmful_layers) * float(nh)
     return loss_b, loss_h, {**benign_diag, **harmful_diag}
 
 
@@ -156,7 +167,11 @@ def circuit_breaker_terms(retain_lora: Sequence[Tensor], retain_orig: Sequence[T
     """(L_retain, L_cb) of circuit breakers / representation rerouting (Zou et al. 2024; METHOD.md "Baselines").
 
     L_retain = mean over ``retain_layers`` and masked retain tokens of ||h_l - h0_l||_2
-    L_cb     = sum_{l in cb_layers, i, t} M ReLU(cos(h_l, h0_l)) / sum M   (summed over layers, as in the reference)
+    L_cb     = sum_{l in cb_layers, i, t} M ReLU(cos(h_l, h0_l)) / (|cb_layers| sum M)
+
+    L_cb is a mean over layers and masked tokens: the reference (code/methods/circuit_breaker/trainer.py of
+    samuelsimko/crl-llm-defense) divides the summed ReLU(cos) by the sum of its mask repeated once per target
+    layer, i.e. by |cb_layers| x tokens.
     """
     loss_retain = masked_norm_mean(retain_lora, retain_orig, retain_mask, retain_layers, retain_count)
     m = harmful_mask.to(torch.float32)
@@ -166,7 +181,7 @@ def circuit_breaker_terms(retain_lora: Sequence[Tensor], retain_orig: Sequence[T
         cos = F.cosine_similarity(harmful_lora[layer].float(), harmful_orig[layer].detach().float(), dim=-1,
                                   eps=_COS_EPS)
         total = total + (F.relu(cos) * m).sum()
-    return loss_retain, total / n
+    return loss_retain, total / (len(cb_layers) * n)
 
 
 def repbend_cluster(harmful_lora: Sequence[Tensor], last_mask: Tensor, layers: Sequence[int]) -> Tensor:

@@ -9,22 +9,31 @@ the harmful completions), and both applied to the harmful rows of the LoRA pass 
 - ``embedding``: a soft prompt of ``soft_prompt_tokens`` vectors in the user turn (just before the template's
   end-of-user-turn suffix), initialised from the embeddings of ``!`` tokens.
 
-Schedule (reference): every ``period`` micro-steps a fresh attack is trained for up to ``init_iterations``
-(early stop when the mean of the last ``patience`` losses < ``early_stop_loss``); on other micro-steps it gets
-``refresh_iterations`` more. One harmful example per iteration. With probability ``use_prob``, and only while the
-mean of its last ``gate_window`` losses < ``gate``, the harmful LoRA pass runs with the attack active.
+Schedule (reference, code/methods/triplet/trainer.py of samuelsimko/crl-llm-defense): every ``period`` micro-steps
+(the reference counts its ``compute_loss`` calls, one per micro-batch) a fresh attack is trained for up to
+``init_iterations`` (early stop when the mean of the last ``patience`` losses < ``early_stop_loss``); on other
+micro-steps it gets ``refresh_iterations`` more. One harmful example per iteration, drawn from the *whole* harmful
+training set (the reference samples its iterations' rows from the full preprocessed harmful data, without
+replacement), not from the current micro-batch. With probability ``use_prob``, and only while the mean of its last
+``gate_window`` losses < ``gate``, the harmful LoRA pass runs with the attack active.
 
-Data parallel: every rank draws blocks and use decisions from the same seeded generator, averages the attack's
-gradients and losses across ranks (``reduce_mean``), so all ranks hold the same attack, make the same early-stop
-and gate decisions, and run the same number of collective-bearing forward passes.
+The latent module acts *inside* the decoder block it follows (the reference wraps block and module in one
+``LayerSequential``), so ``hidden_states[block + 1]`` of an ``output_hidden_states`` pass is the perturbed output,
+the one the next block receives. transformers >= 5 records hidden states with forward hooks on the decoder
+blocks; the attack's hook is therefore prepended, to run before that recording.
+
+Data parallel: every rank draws blocks, use decisions and example rows from the same seeded streams, and averages
+the attack's gradients and losses across ranks (``reduce_mean``), so all ranks hold the same attack, make the same
+early-stop and gate decisions, and run the same number of collective-bearing forward passes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections import deque
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +48,36 @@ log = logging.getLogger(__name__)
 ReduceMean = Callable[[Tensor], Tensor]
 
 
+class RowSource(Protocol):
+    """The harmful training set as the miner reads it: ``len`` and rows by index list (a torch-format
+    ``datasets.Dataset`` of encoded rows, or any mapping-returning sequence), each value [len(indices), T]."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, indices: list[int]) -> Any: ...
+
+
 def _identity_reduce(x: Tensor) -> Tensor:
     return x
+
+
+def example_order(num_rows: int, seed: int, start: int, count: int) -> list[int]:
+    """Rows of miner iterations ``start .. start + count - 1`` in a stream of seeded per-epoch permutations.
+
+    Iteration k reads row ``perm_e[k mod N]`` with ``e = k div N`` and ``perm_e`` a permutation of all ``N`` rows
+    seeded by (seed, e): consecutive iterations never repeat a row within an epoch (the reference draws each
+    training run's rows without replacement from the whole set), and the order depends only on the seed, so every
+    data-parallel rank reads the same rows.
+    """
+    if num_rows < 1:
+        raise ValueError("the miner needs at least one harmful example")
+    return [_epoch_permutation(num_rows, seed, k // num_rows)[k % num_rows] for k in range(start, start + count)]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_rows: int, seed: int, epoch: int) -> tuple[int, ...]:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(num_rows, generator=gen).tolist())
 
 
 class LatentAttack(nn.Module):
@@ -117,12 +154,20 @@ def completion_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 class Miner:
-    """The hard-negative miner of one training run: owns the attack, its optimizer and its schedule."""
+    """The hard-negative miner of one training run: owns the attack, its optimizer and its schedule.
 
-    def __init__(self, cfg: MiningConfig, model: nn.Module, *, seed: int, reduce_mean: ReduceMean | None = None,
-                 suffix_len: int = 0, request_len: int = 0, placeholder_id: int = 0):
+    ``examples``: the whole harmful training set (encoded rows); the attack trains on one row of it per iteration.
+    """
+
+    def __init__(self, cfg: MiningConfig, model: nn.Module, *, examples: RowSource, seed: int,
+                 reduce_mean: ReduceMean | None = None, suffix_len: int = 0, request_len: int = 0,
+                 placeholder_id: int = 0):
         self.cfg = cfg
         self.model = model
+        self.examples = examples
+        if len(examples) < 1:
+            raise ValueError("the miner needs at least one harmful example; data.harmful is empty")
+        self.example_seed = seed + 1  # the rows' order: a stream of its own, the same on every rank
         self.reduce_mean = reduce_mean or _identity_reduce
         self.rng = torch.Generator().manual_seed(seed)  # same stream on every rank
         self.hidden_size = int(base_causal_lm(model).config.hidden_size)
@@ -154,7 +199,8 @@ class Miner:
                 torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=self.rng)))
                 self.attack = LatentAttack(self.hidden_size, cfg.mlp_hidden).to(self._device())
             layer = decoder_layers(self.model)[self.block]
-            self._hook = layer.register_forward_hook(self._latent_hook)
+            # before transformers' hidden-state recording hook: hidden_states[block + 1] is the perturbed output
+            self._hook = layer.register_forward_hook(self._latent_hook, prepend=True)
         else:
             self.block = None
             self.attack = nn.ParameterDict()  # the soft prompt is created from the first forward's embeddings
@@ -206,16 +252,24 @@ class Miner:
         self.attack = None
 
     # ------------------------------------------------------------------ training the attack
-    def _iterate(self, batch: dict[str, Tensor], iterations: int, early_stop: bool) -> int:
+    def example_rows(self, start: int, count: int) -> list[int]:
+        """Indices into ``examples`` of miner iterations ``start .. start + count - 1`` (see ``example_order``)."""
+        return example_order(len(self.examples), self.example_seed, start, count)
+
+    def _example(self, index: int) -> dict[str, Tensor]:
+        """Row ``index`` of the harmful set as a one-row batch on the model's device (tensor columns only)."""
+        row = self.examples[[index]]
+        device = self._device()
+        return {k: v.to(device) for k, v in row.items() if isinstance(v, Tensor)}
+
+    def _iterate(self, iterations: int, early_stop: bool) -> int:
         """Up to ``iterations`` Adam steps on one harmful example each; returns the number run."""
         cfg = self.cfg
-        attacked, soft_mask = self.prepare(batch)
-        b = attacked["input_ids"].shape[0]
         done = 0
         for it in range(iterations):
-            i = (self.iterations_total + it) % b
-            row = {k: v[i:i + 1] for k, v in attacked.items()}
-            with self.applied(slice(0, 1), None if soft_mask is None else soft_mask[i:i + 1]):
+            (index,) = self.example_rows(self.iterations_total + it, 1)
+            row, soft_mask = self.prepare(self._example(index))
+            with self.applied(slice(0, 1), soft_mask):
                 if self.optimizer is None:  # the embedding attack's soft prompt exists after one forward
                     if cfg.kind == "embedding":
                         with torch.no_grad():
@@ -239,14 +293,15 @@ class Miner:
         last = list(self.losses)[-window:]
         return sum(last) / len(last) if last else float("inf")
 
-    def step(self, micro_step: int, harmful_batch: dict[str, Tensor]) -> dict[str, float]:
-        """Train the attack for this micro-step (fresh every ``period``); returns mining metrics."""
+    def step(self, micro_step: int) -> dict[str, float]:
+        """Train the attack for micro-step ``micro_step`` (a fresh one when ``micro_step % period == 0``, or when
+        there is none yet); returns mining metrics. Micro-steps, not optimizer steps: the reference's unit."""
         cfg = self.cfg
         fresh = micro_step % cfg.period == 0 or self.attack is None
         if fresh:
             self._fresh_attack()
         iterations = cfg.init_iterations if fresh else cfg.refresh_iterations
-        done = self._iterate(harmful_batch, iterations, early_stop=fresh) if iterations else 0
+        done = self._iterate(iterations, early_stop=fresh) if iterations else 0
         metrics = {"mining/iterations": float(done), "mining/fresh": float(fresh)}
         if self.losses:
             metrics["mining/attack_loss"] = self.losses[-1]

@@ -18,13 +18,18 @@ from torch import Tensor, nn
 from crl_ray.config import SweepConfig
 
 
-def lora_blocks(cfg: SweepConfig, num_blocks: int, deepest_layer: int) -> list[int]:
-    """Decoder blocks that get adapters: ``auto`` = 0..min(deepest used hidden state, N-1) (paper: 0..max(S))."""
+def lora_blocks(cfg: SweepConfig, num_blocks: int, last_layer: int) -> list[int]:
+    """Decoder blocks that get adapters: ``all``, an explicit list, or ``auto`` = blocks 0..min(last_layer, N-1).
+
+    ``last_layer`` is :attr:`crl_ray.step.LossPlan.lora_last_layer`: max(S) for crl (paper; the reference's
+    ``layers_to_transform = range(max(target_layers) + 1)``), not the deepest layer any term reads (the benign
+    set ``all`` reaches index N and would put adapters on every block).
+    """
     blocks = cfg.lora.blocks
     if blocks == "all":
         return list(range(num_blocks))
     if blocks == "auto":
-        return list(range(min(deepest_layer, num_blocks - 1) + 1))
+        return list(range(min(last_layer, num_blocks - 1) + 1))
     return sorted(blocks)
 
 

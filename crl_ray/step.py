@@ -106,6 +106,20 @@ class LossPlan:
         return max(self.unsafe_layers)
 
     @property
+    def lora_last_layer(self) -> int:
+        """The hidden_states index that bounds ``lora.blocks: auto`` (blocks 0..this, clipped to the last block).
+
+        crl: max(S) of the target layers (the paper; the reference's ``layers_to_transform =
+        range(max(target_layers) + 1)``), whatever the benign layer set; circuit_breakers: max of its layers;
+        repbend: max of its unsafe layers (the same rule in the reference's baselines).
+        """
+        if self.kind == "crl":
+            return max(self.target_layers)
+        if self.kind == "circuit_breakers":
+            return max(self.cb_layers)
+        return max(self.unsafe_layers)
+
+    @property
     def all_layers(self) -> tuple[int, ...]:
         return tuple(range(self.num_blocks + 1))
 
@@ -229,7 +243,7 @@ class StepComputer:
         # mining first: whether this step's harmful LoRA pass runs perturbed decides how it is laid out
         use_attack, soft_mask, harmful_in = False, None, harmful
         if self.miner is not None:
-            metrics.update(self.miner.step(micro_step, harmful))
+            metrics.update(self.miner.step(micro_step))
             use_attack = self.miner.draw_use()
             metrics["mining/used"] = float(use_attack)
             if use_attack:
@@ -283,7 +297,11 @@ class StepComputer:
         local = loss_cfg.alpha * loss_b + loss_cfg.beta * loss_h + loss_cfg.gamma * loss_kl
         terms = {"loss": local, "loss_b": loss_b, "loss_h": loss_h, "loss_kl": loss_kl}
         metrics.update({f"train/{k}": float(self.coll.sum(v.detach().float())) for k, v in terms.items()})
-        metrics.update({k: float(self.coll.mean(torch.tensor(v))) for k, v in diag.items()})
+        for key, value in diag.items():
+            # active-hinge fractions are this rank's share of the global fraction (global denominators): summed;
+            # mean distances are per-rank means: averaged
+            reduce = self.coll.sum if key.startswith("train/active_") else self.coll.mean
+            metrics[key] = float(reduce(torch.tensor(value)))
         return local, metrics
 
     def _circuit_breakers(self, benign: Batch, harmful: Batch, retain: Batch, optimizer_step: int):

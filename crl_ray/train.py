@@ -103,8 +103,8 @@ class Worker:
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.device = self._device()
         seed_everything(cfg.train.seed)  # identical LoRA init on every rank
+        self._build_data()  # before the model: the miner trains on the whole harmful set
         self._build_model()
-        self._build_data()
         self._build_optimizer()
         self.step = 0
 
@@ -131,7 +131,7 @@ class Worker:
         model, self.tokenizer = load_model_and_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.dtype)
         n = num_blocks(model)
         self.plan = LossPlan.from_config(cfg, n)
-        self.blocks = lora_blocks(cfg, n, self.plan.deepest_layer)
+        self.blocks = lora_blocks(cfg, n, self.plan.lora_last_layer)
         model = apply_lora(model, cfg, self.blocks)
         enable_activation_checkpointing(model, cfg.train.activation_checkpointing,
                                         cfg.train.activation_checkpointing_every)
@@ -164,7 +164,8 @@ class Worker:
             from crl_ray.encoding import pad_id
 
             placeholder = self.tokenizer("!", add_special_tokens=False)["input_ids"]
-            miner = Miner(cfg.mining, model, seed=cfg.train.seed + 17, reduce_mean=self.collectives.mean,
+            miner = Miner(cfg.mining, model, examples=self.data["harmful"], seed=cfg.train.seed + 17,
+                          reduce_mean=self.collectives.mean,
                           suffix_len=template_suffix_length(self.tokenizer),
                           request_len=cfg.data.max_request_tokens,
                           placeholder_id=placeholder[0] if placeholder else pad_id(self.tokenizer))

@@ -167,8 +167,70 @@ def test_centroid_and_diagnostics() -> None:
     *_, diag = triplet_terms(bl, bo, bm, hl, ho, hm, benign_layers=[0], harmful_layers=[1], margin_benign=1.0,
                              margin_harmful=1.0, dist_benign_pos="l2", dist_benign_neg="l2", dist_harmful_pos="l2",
                              dist_harmful_neg="l2", return_diagnostics=True)
-    assert set(diag) == {"dist/benign_pos", "dist/benign_neg", "dist/harmful_pos", "dist/harmful_neg"}
-    assert all(v > 0 for v in diag.values())
+    dists = {"dist/benign_pos", "dist/benign_neg", "dist/harmful_pos", "dist/harmful_neg"}
+    assert set(diag) == dists | {"train/active_benign", "train/active_harmful"}
+    assert all(diag[k] > 0 for k in dists)
+    assert all(0.0 <= diag[k] <= 1.0 for k in ("train/active_benign", "train/active_harmful"))
+
+
+def _hand_case():
+    """The tensors of test_hand_computed_l2_case (one layer, D=2, centroid [3, 4]); see its docstring."""
+    bl = [torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])]
+    bo = [torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])]
+    hl = [torch.tensor([[[3.0, 4.0], [0.0, 0.0]]])]
+    ho = [torch.tensor([[[0.0, 4.0], [9.0, 9.0]]])]
+    return bl, bo, torch.tensor([[1, 1]]), hl, ho, torch.tensor([[1, 0]])
+
+
+@pytest.mark.parametrize("m_b, m_h, active_b, active_h", [
+    (100.0, 100.0, 1.0, 1.0),  # every hinge active
+    (0.0, 0.0, 0.0, 0.0),      # none: benign args -sqrt(20), 1 - sqrt(18); harmful arg 0 - 3
+    (4.0, 3.0, 0.5, 0.0),      # benign args 4 - 4.47 < 0, 5 - 4.24 > 0; harmful arg exactly 0 is not active
+])
+def test_active_hinge_fractions_by_hand(m_b, m_h, active_b, active_h) -> None:
+    """Active = masked position with d_pos - d_neg + m > 0. Benign (l2/l2): token 1 d_pos 0, d_neg sqrt(20) = 4.47;
+    token 2 d_pos 1, d_neg sqrt(18) = 4.24. Harmful: one masked token, d_pos 0, d_neg 3 (the masked-out row is
+    ignored however far it lies)."""
+    *_, diag = triplet_terms(*_hand_case(), benign_layers=[0], harmful_layers=[0], margin_benign=m_b,
+                             margin_harmful=m_h, dist_benign_pos="l2", dist_benign_neg="l2", dist_harmful_pos="l2",
+                             dist_harmful_neg="l2", return_diagnostics=True)
+    assert diag["train/active_benign"] == active_b
+    assert diag["train/active_harmful"] == active_h
+
+
+def test_active_hinge_fractions_count_layers_and_split_into_rank_shares() -> None:
+    """Over layers x masked tokens; with the global counts of two halves, the halves' fractions add to the whole's."""
+    bl, bo, bm, hl, ho, hm = _random_case(6)
+    kw = dict(benign_layers=[0, 2, 4], harmful_layers=[1, 3], margin_benign=0.3, margin_harmful=0.2,
+              dist_benign_pos="cosine", dist_benign_neg="cosine", dist_harmful_pos="cosine",
+              dist_harmful_neg="cosine", return_diagnostics=True)
+    *_, whole = triplet_terms(bl, bo, bm, hl, ho, hm, **kw)
+    cents = {l: harmful_centroid(hl[l], hm) for l in range(5)}
+    def naive_fraction(lora, pos, neg, mask, layers, margin):
+        """Literal count over (layer, row, token) of masked positions with d_pos - d_neg + m > 0 (float64)."""
+        active = 0
+        for l in layers:
+            for i in range(mask.shape[0]):
+                for t in range(mask.shape[1]):
+                    h = lora[l][i, t].tolist()
+                    arg = (naive_distance("cosine", h, pos(l, i, t)) - naive_distance("cosine", h, neg(l, i, t))
+                           + margin)
+                    active += int(mask[i, t]) * (arg > 0)
+        return active / (len(layers) * int(mask.sum()))
+
+    centroid = lambda l, i, t: cents[l].tolist()  # noqa: E731
+    expected = {
+        "train/active_benign": naive_fraction(bl, lambda l, i, t: bo[l][i, t].tolist(), centroid, bm, [0, 2, 4], 0.3),
+        "train/active_harmful": naive_fraction(hl, centroid, lambda l, i, t: ho[l][i, t].tolist(), hm, [1, 3], 0.2),
+    }
+    for key, value in expected.items():
+        assert math.isclose(whole[key], value, rel_tol=1e-6), key
+        assert 0.0 < value < 1.0, key  # a mixed case, so the comparison is not vacuous
+    halves = [triplet_terms([x[s] for x in bl], [x[s] for x in bo], bm[s], [x[s] for x in hl], [x[s] for x in ho],
+                            hm[s], centroids=cents, benign_count=bm.sum(), harmful_count=hm.sum(), **kw)[2]
+              for s in (slice(0, 1), slice(1, 2))]
+    for key in ("train/active_benign", "train/active_harmful"):
+        assert math.isclose(halves[0][key] + halves[1][key], whole[key], rel_tol=1e-6), key
 
 
 def test_kl_retain_zero_for_equal_logits_and_matches_formula() -> None:
@@ -237,13 +299,24 @@ def test_circuit_breaker_terms_hand_computed():
     assert_close(loss_cb, torch.tensor(1 / math.sqrt(2) / 2))
 
 
-def test_circuit_breaker_cb_term_sums_over_layers():
+def test_circuit_breaker_cb_term_averages_over_layers_and_tokens_as_the_reference():
+    """The reference divides sum ReLU(cos) by its mask repeated per layer: |cb_layers| x masked tokens.
+
+    Two layers, one row of three tokens, the last masked out. Layer 0: h=(1,0) vs h0=(1,0): cos 1; h=(0,1) vs
+    h0=(1,1): cos 1/sqrt2. Layer 1: h=(1,0) vs h0=(0,1): cos 0; h=(-1,0) vs h0=(1,0): cos -1 -> ReLU 0.
+    Sum = 1 + 1/sqrt2; 2 layers x 2 tokens -> L_cb = (1 + 1/sqrt2) / 4 = 0.4268.
+    """
+    lora = [torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]]), torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [5.0, 5.0]]])]
+    orig = [torch.tensor([[[1.0, 0.0], [1.0, 1.0], [5.0, 5.0]]]), torch.tensor([[[0.0, 1.0], [1.0, 0.0], [5.0, 5.0]]])]
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    _, loss_cb = circuit_breaker_terms(lora, orig, mask, lora, orig, mask, retain_layers=[0], cb_layers=[0, 1])
+    assert_close(loss_cb, torch.tensor((1 + 1 / math.sqrt(2)) / 4))
     h = [torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[0.0, 1.0]]])]
     _, one = circuit_breaker_terms(h, h, torch.ones(1, 1), h, h, torch.ones(1, 1), retain_layers=[0], cb_layers=[0])
     _, two = circuit_breaker_terms(h, h, torch.ones(1, 1), h, h, torch.ones(1, 1), retain_layers=[0],
                                    cb_layers=[0, 1])
     assert_close(one, torch.tensor(1.0))  # cos(h, h) = 1
-    assert_close(two, torch.tensor(2.0))  # summed, not averaged, over layers
+    assert_close(two, torch.tensor(1.0))  # averaged, not summed, over layers
 
 
 def test_repbend_cluster_hand_computed():

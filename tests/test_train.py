@@ -63,7 +63,7 @@ def lora_model(cfg, seed: int = 0):
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name)
     n = num_blocks(model)
     plan = LossPlan.from_config(cfg, n)
-    model = apply_lora(model, cfg, lora_blocks(cfg, n, plan.deepest_layer))
+    model = apply_lora(model, cfg, lora_blocks(cfg, n, plan.lora_last_layer))
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -218,14 +218,16 @@ def test_worker_moves_lora_and_keeps_base_weights(tiny_model_dir, tmp_path):
         assert moved == (name in trainable), name
     assert all(math.isfinite(m["train/loss"]) for m in metrics)
     expected = {"train/loss", "train/loss_b", "train/loss_h", "train/loss_kl", "dist/benign_pos", "dist/benign_neg",
-                "dist/harmful_pos", "dist/harmful_neg", "train/lr", "train/tokens_per_s", "train/grad_norm"}
+                "dist/harmful_pos", "dist/harmful_neg", "train/lr", "train/tokens_per_s", "train/grad_norm",
+                "train/active_benign", "train/active_harmful"}
     assert expected <= set(metrics[-1])
+    assert all(0.0 <= m[k] <= 1.0 for m in metrics for k in ("train/active_benign", "train/active_harmful"))
     assert metrics[-1]["step"] == 2.0
 
 
 def test_lora_blocks_follow_config(tiny_model_dir, tmp_path):
     cfg = make_cfg(tiny_model_dir, loss={"target_layers": [1, 2], "benign_layers": "target"})
-    assert lora_blocks(cfg, 4, LossPlan.from_config(cfg, 4).deepest_layer) == [0, 1, 2]
+    assert lora_blocks(cfg, 4, LossPlan.from_config(cfg, 4).lora_last_layer) == [0, 1, 2]
     cfg = make_cfg(tiny_model_dir, lora={"r": 4, "alpha": 8, "dropout": 0.0, "blocks": [3]})
     model, _ = lora_model(cfg)
     layers_with_lora = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_" in n}
@@ -348,6 +350,22 @@ def test_mining_steps_are_the_same_with_or_without_checkpointing_and_packing(tin
             assert a["mining/used"] == b["mining/used"] == 1.0
             for key in ("train/loss", "train/grad_norm", "mining/attack_loss"):
                 assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), key
+
+
+def test_worker_mining_period_counts_micro_steps_and_lora_stops_at_max_target(tiny_model_dir, tmp_path):
+    """grad_accum 2, period 3: fresh modules at micro-steps 0, 3, 6, i.e. in optimizer steps 1, 2 and 4 (half of
+    each step's two micro-steps), none in step 3. Counted in optimizer steps it would be steps 1 and 4 only.
+    LoRA (blocks auto) covers blocks 0..max(S) = 0..2, although the benign layers (all) reach index 4."""
+    mining = {"enabled": True, "kind": "latent", "period": 3, "init_iterations": 2, "refresh_iterations": 1,
+              "patience": 2, "use_prob": 0.0, "block_high": 1}
+    worker = build_worker(make_cfg(tiny_model_dir, mining=mining, loss={"target_layers": [1, 2]}), tmp_path)
+    assert worker.blocks == [0, 1, 2]
+    layers_with_lora = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in worker.trainable}
+    assert layers_with_lora == {0, 1, 2}
+    steps = [worker.train_step() for _ in range(4)]
+    assert [m["mining/fresh"] for m in steps] == [0.5, 0.5, 0.0, 0.5]
+    assert [m["mining/iterations"] for m in steps] == [1.5, 1.5, 1.0, 1.5]  # (2 + 1) / 2 with a fresh module
+    assert worker.miner.iterations_total == 3 * 2 + 5 * 1
 
 
 # --------------------------------------------------------------------------------------------- Ray workers
