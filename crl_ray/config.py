@@ -15,7 +15,7 @@ import difflib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -129,7 +129,10 @@ class LoraConfig(Section):
     )
     blocks: Literal["auto", "all"] | list[int] = Field(
         "auto",
-        description="Decoder blocks that get adapters. auto = 0..max(target layers) as in the paper.",
+        description="Decoder blocks that get adapters. auto = blocks 0..max(S) (S = the hidden_states indices of "
+        "loss.target_layers, clipped to the last block), as in the paper and the reference's layers_to_transform "
+        "= range(max(target_layers) + 1); circuit_breakers: 0..max(loss.circuit_breakers.layers); repbend: "
+        "0..max(loss.repbend.unsafe_layers). The benign layer set does not widen it.",
     )
 
 
@@ -145,10 +148,14 @@ class CircuitBreakersConfig(Section):
 class RepBendConfig(Section):
     """RepBend: alpha*||h_s - h_s0|| - beta*||h_u - h_u0|| + gamma*(1-cos) + epsilon*KL."""
 
-    alpha: float = Field(1.0, ge=0)
-    beta: float = Field(1.0, ge=0)
-    gamma: float = Field(1.0, ge=0)
-    epsilon: float = Field(1.0, ge=0)
+    # Defaults: the released RepBend script of the reference code (code/train_repbend.sh of
+    # github.com/samuelsimko/crl-llm-defense, METHOD=rep_bending: alpha 0.5, beta 0.5, gamma 0.1, epsilon 0.3).
+    # Its train.sh has a rep_bending branch with other values (0.5, 0.1, 0.3, 0.3).
+    alpha: float = Field(0.5, ge=0, description="Weight of the safe-retention norm (train_repbend.sh 0.5).")
+    beta: float = Field(0.5, ge=0, description="Weight of the unsafe-push norm (train_repbend.sh 0.5; train.sh 0.1).")
+    gamma: float = Field(0.1, ge=0, description="Weight of the harmful-clustering 1 - cos term (train_repbend.sh 0.1; "
+                         "train.sh 0.3).")
+    epsilon: float = Field(0.3, ge=0, description="Weight of the KL retain term (train_repbend.sh 0.3).")
     unsafe_layers: LayerSpec = Field(default_factory=lambda: LayerSpec(fraction=(0.625, 0.9375)))
 
 
@@ -188,11 +195,18 @@ class MiningConfig(Section):
     kind: Literal["latent", "embedding"] = Field(
         "latent", description="latent: residual attack module after a block; embedding: soft prompt."
     )
-    period: int = Field(40, gt=0, description="Micro-steps between fresh attack modules.")
+    period: int = Field(
+        40, gt=0, description="Micro-steps (forward/backward passes, not optimizer steps) between fresh attack "
+        "modules: a fresh one at every micro-step k with k % period == 0. The reference counts its compute_loss "
+        "calls, one per micro-batch, and uses 40; in optimizer steps that is period / train.grad_accum.")
     block_low: int = Field(0, ge=0, description="Lowest decoder block after which the module may sit.")
     block_high: int = Field(9, ge=0, description="Highest decoder block after which the module may sit.")
-    init_iterations: int = Field(1100, ge=0, description="Mining steps for a fresh module (early-stopped).")
-    refresh_iterations: int = Field(1, ge=0, description="Mining steps on other micro-steps.")
+    init_iterations: int = Field(
+        1100, ge=0, description="Mining steps for a fresh module (early-stopped). Each step trains on one harmful "
+        "example drawn from the whole harmful training set (as the reference), the same rows on every rank.")
+    refresh_iterations: int = Field(
+        1, ge=0, description="Mining steps on each micro-step that does not start a fresh module (reference 1); "
+        "per optimizer step that is grad_accum times this.")
     early_stop_loss: float = Field(1.85, gt=0)
     patience: int = Field(100, gt=0)
     lr: float = Field(1e-4, gt=0)
@@ -322,6 +336,8 @@ PAPER_EMBEDDING_RUNS: tuple[dict[str, Any], ...] = (
 class EmbeddingAttackConfig(Section):
     """Embedding-space attack: a soft prompt at the end of the user turn, optimised with Adam to emit the target."""
 
+    SINGLE_ONLY: ClassVar[tuple[str, ...]] = ("lr", "early_stop_loss", "init")  # used with configs: single only
+
     steps: int = Field(100, gt=0, description="Most Adam steps per configuration (paper <= 1000); more = stronger, slower.")
     configs: Literal["single", "paper"] | list[EmbeddingRunConfig] = Field(
         "single",
@@ -347,7 +363,7 @@ class EmbeddingAttackConfig(Section):
 
     @model_validator(mode="after")
     def _single_only_fields(self) -> "EmbeddingAttackConfig":
-        stray = sorted({"lr", "early_stop_loss", "init"} & self.model_fields_set)
+        stray = sorted(set(self.SINGLE_ONLY) & self.model_fields_set)
         if self.configs != "single" and stray:
             raise ValueError(f"{', '.join(stray)} set, but only used with configs: single (ignored otherwise); "
                              "remove them, or set configs: single")
@@ -424,8 +440,37 @@ class EvalConfig(Section):
     )
 
 
+class ObjectiveConstraints(Section):
+    """Limits a trial must meet to count: over any of them it is infeasible, never best, and the sampler avoids it."""
+
+    max_over_refusal: float | None = Field(
+        0.15, ge=0, le=1, description="Most eval/over_refusal (share of borderline benign prompts refused) allowed; "
+        "None = no limit. 0.15: the base model refuses 0.06 (docs/LOG.md); a model that refuses everything is near 1.",
+    )
+    max_benign_degeneracy: float | None = Field(
+        0.10, ge=0, le=1, description="Most eval/degeneracy (mean degeneracy of the benign answers, 0..1) allowed; "
+        "None = no limit. The base model measures 0.089 (docs/LOG.md), so 0.10 leaves a defense little room to add "
+        "loops. Degeneracy on attack prompts (eval/degeneracy_attacks) is reported, never limited or penalised.",
+    )
+    max_kl_benign: float | None = Field(
+        0.5, ge=0, description="Most eval/kl_benign (KL(base || trial) in nats per token on the base model's benign "
+        "answers) allowed; None = no limit. 0.5 = exp(-0.5) = 0.61 on the benign_kl capability scale; a model that "
+        "only refuses or loops drifts by several nats per token. Lower = stay closer to the base model.",
+    )
+    max_mmlu_drop: float | None = Field(
+        0.05, ge=0, le=1, description="Most MMLU accuracy lost against the base model on the same questions "
+        "(eval/mmlu_base - eval/mmlu) allowed; None = no limit. Not applied while the evaluation does not report "
+        "eval/mmlu_base. 0.05 = 10 of the default 200 questions; near chance (small models) MMLU says little, so "
+        "max_kl_benign guards capability there.",
+    )
+
+
 class ObjectiveConfig(Section):
-    """Scalar: capability - asr_weight*ASR - over_refusal_weight*over-refusal - degeneracy_weight*degeneracy."""
+    """Scalar: capability - asr_weight*ASR - over_refusal_weight*over-refusal - degeneracy_weight*degeneracy.
+
+    Maximised, and only among trials within ``constraints``: a collapsed model (refuses or loops on everything)
+    has a low ASR and a tolerable scalar, so the limits, not the weights, rule it out.
+    """
 
     kind: Literal["scalar", "pareto"] = "scalar"
     asr_weight: float = Field(1.0, ge=0)
@@ -437,6 +482,10 @@ class ObjectiveConfig(Section):
     capability: Literal["mmlu", "benign_kl"] = Field(
         "mmlu", description="What capability means: mmlu = MMLU accuracy; benign_kl = exp(-KL to the base model "
         "on benign text), 1 = unchanged.",
+    )
+    constraints: ObjectiveConstraints = Field(
+        default_factory=ObjectiveConstraints, description="Limits (Optuna constraints) on over-refusal, benign "
+        "degeneracy and capability loss; the best trial and the Pareto front come from trials within all of them.",
     )
 
 
@@ -763,6 +812,10 @@ def dump_config(cfg: SweepConfig) -> dict:
 def _plain(value: Any) -> Any:
     if isinstance(value, LayerSpec):
         return value.to_yaml()
+    if isinstance(value, EmbeddingAttackConfig) and value.configs != "single":
+        # lr, early_stop_loss and init belong to configs: single; written out they would be rejected on re-reading
+        return {name: _plain(getattr(value, name)) for name in type(value).model_fields
+                if name not in EmbeddingAttackConfig.SINGLE_ONLY}
     if isinstance(value, BaseModel):
         return {name: _plain(getattr(value, name)) for name in type(value).model_fields}
     if isinstance(value, dict):

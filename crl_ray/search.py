@@ -4,16 +4,23 @@ Optuna names each sampled value by its config path (``loss.margin_benign``); a l
 values, ``<path>:start`` and ``<path>:size``, that :func:`param_values` turns into an inclusive hidden_states
 range. The study lives in an sqlite file next to the sweep's storage (study name = sweep name), so a resumed
 sweep continues the same study.
+
+The limits of ``objective.constraints`` reach Optuna as trial constraints (``Trial.set_constraint``), set by
+:class:`ConstrainedOptunaSearch` from each finished trial's ``eval/*`` metrics before it tells the study: TPE and
+NSGA-II then rank infeasible trials below feasible ones, and ``study.best_trial`` / ``best_trials`` skip them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crl_ray.config import CategoricalParam, FloatParam, IntParam, LayerWindowParam, SearchParam, SweepConfig
+from crl_ray.config import (CategoricalParam, FloatParam, IntParam, LayerWindowParam, ObjectiveConfig, SearchParam,
+                            SweepConfig)
 from crl_ray.errors import Problem
+from crl_ray.objective import constraint_values, unchecked_constraints
 
 if TYPE_CHECKING:
     import optuna
@@ -126,20 +133,68 @@ def study_storage_url(sweep_dir: Path) -> str:
     return f"sqlite:///{Path(sweep_dir).resolve() / 'optuna.db'}"
 
 
+@functools.cache
+def _constrained_search_class() -> type:
+    """Builds :class:`ConstrainedOptunaSearch` on first use: it subclasses Ray's OptunaSearch, and importing Ray
+    takes over a second that a dry run should not pay. The module's ``__getattr__`` hands out this one class, so
+    pickle (Tune checkpoints its searcher) finds it by name like any other."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    class ConstrainedOptunaSearch(OptunaSearch):
+        """OptunaSearch that sets ``objective.constraints`` on each Optuna trial before telling the study.
+
+        The values come from the trial's last result (its ``eval/*`` metrics) through
+        :func:`crl_ray.objective.constraint_values`. A limit whose metrics the result lacks is not applied, and a
+        warning names it once.
+        """
+
+        def __init__(self, *args: Any, objective: ObjectiveConfig, **kwargs: Any) -> None:
+            self.objective = objective
+            self._unchecked_warned: set[str] = set()
+            super().__init__(*args, **kwargs)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            ot_trial = self._ot_trials.get(trial_id)
+            if result and ot_trial is not None and trial_id not in self._completed_trials:
+                self._set_constraints(ot_trial, result)
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+        def _set_constraints(self, ot_trial: optuna.Trial, result: dict) -> None:
+            for key, value in constraint_values(result, self.objective).items():
+                ot_trial.set_constraint(key, value)
+            reported = all(m in result for m in (self.metric if isinstance(self.metric, list) else [self.metric]))
+            if reported:  # a trial that failed before its first evaluation is no news about the evaluation
+                for name, missing in unchecked_constraints(result, self.objective).items():
+                    if name not in self._unchecked_warned:
+                        self._unchecked_warned.add(name)
+                        log.warning("objective.constraints: the %s limit is not applied: the evaluation does not "
+                                    "report %s", name, ", ".join(missing))
+
+    ConstrainedOptunaSearch.__qualname__ = "ConstrainedOptunaSearch"
+    return ConstrainedOptunaSearch
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ConstrainedOptunaSearch":
+        return _constrained_search_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def make_searcher(cfg: SweepConfig, sweep_dir: Path, concurrency: int = 1):
-    """Tune's OptunaSearch for the sweep, or None for ``search.algorithm: none`` (the file's values, once)."""
+    """A :class:`ConstrainedOptunaSearch` for the sweep, or None for ``search.algorithm: none`` (the file's values,
+    once)."""
     if cfg.search.algorithm == "none":
         return None
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     storage = optuna.storages.RDBStorage(study_storage_url(sweep_dir))
     if cfg.objective.kind == "pareto":
         metric, mode = list(PARETO_METRICS), list(PARETO_MODES)
     else:
         metric, mode = METRIC, "max"
-    return OptunaSearch(SpaceSampler(cfg.search.space), metric=metric, mode=mode,
-                        sampler=make_sampler(cfg, concurrency), study_name=cfg.name, storage=storage)
+    return _constrained_search_class()(SpaceSampler(cfg.search.space), metric=metric, mode=mode,
+                                       sampler=make_sampler(cfg, concurrency), study_name=cfg.name,
+                                       storage=storage, objective=cfg.objective)
 
 
 def load_study(cfg: SweepConfig, sweep_dir: Path) -> optuna.Study | None:

@@ -27,8 +27,10 @@ from typing import Any, Sequence
 
 import yaml
 
-from crl_ray.config import CategoricalParam, FloatParam, IntParam, LayerWindowParam, SweepConfig, dump_config
+from crl_ray.config import (CategoricalParam, FloatParam, IntParam, LayerWindowParam, ObjectiveConfig, SweepConfig,
+                            dump_config)
 from crl_ray.errors import USAGE_EXIT_CODE, ConfigError, UserError
+from crl_ray.objective import constraint_values, unchecked_constraints
 from crl_ray.search import segments, study_storage_url
 from crl_ray.tracking import tracking_uri, ui_command
 
@@ -39,6 +41,7 @@ HEAD_RESOURCE = "node:__internal_head__"  # drivers (and their Train controllers
 LOCAL_OBJECT_STORE_BYTES = 1 << 30  # a sweep moves no data through the object store
 CONFIG_FILE = "sweep_config.yaml"
 EXIT_INTERRUPTED = 130  # like a shell after Ctrl-C
+MAX_LISTED = 10  # infeasible trials named in the closing message; the results table has them all
 
 
 @dataclass(frozen=True)
@@ -300,7 +303,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
         grid = tuner.fit()
         interrupted = len(grid) < cfg.search.num_trials or grid.num_terminated + grid.num_errors < len(grid)
         outcome = SweepOutcome(cfg.name, folder, uri, experiment, target.parent_run_id, interrupted=interrupted)
-        outcome.rows = result_rows(grid, target, interrupted)
+        outcome.rows = result_rows(grid, target, interrupted, cfg.objective)
         if not interrupted:
             search.close_orphan_trials(cfg, folder)
             outcome.best = best_row(outcome.rows)
@@ -338,8 +341,22 @@ def _close_sweep_run(target, interrupted: bool) -> None:
         log.warning("could not close the sweep's MLflow runs: %s", exc)
 
 
-def result_rows(grid, target, interrupted: bool) -> list[dict[str, Any]]:
-    """One row per trial, in creation order: id, status, objective(s), evaluation metrics, params, MLflow run."""
+def feasibility_columns(metrics: dict[str, Any], objective: ObjectiveConfig) -> dict[str, Any]:
+    """A results row's ``feasible`` flag (None for a trial that never reported an objective), its
+    ``constraints/<name>`` values (measured - limit, <= 0 = within the limit) and ``constraints_unchecked`` (limits
+    set but not applied because a metric is missing, e.g. ``mmlu_drop (eval/mmlu_base)``; "" when none)."""
+    if not _usable(metrics.get("objective")):
+        return {"feasible": None}
+    values = constraint_values(metrics, objective)
+    unchecked = unchecked_constraints(metrics, objective)
+    return {"feasible": all(v <= 0 for v in values.values()),
+            **{f"constraints/{k}": v for k, v in values.items()},
+            "constraints_unchecked": "; ".join(f"{k} ({', '.join(m)})" for k, m in unchecked.items())}
+
+
+def result_rows(grid, target, interrupted: bool, objective: ObjectiveConfig) -> list[dict[str, Any]]:
+    """One row per trial, in creation order: id, status, objective(s), feasibility and constraint values
+    (:func:`feasibility_columns`), evaluation metrics, params, MLflow run."""
     from crl_ray import tracking
     from crl_ray.trial import failure_reason
 
@@ -358,25 +375,40 @@ def result_rows(grid, target, interrupted: bool) -> list[dict[str, Any]]:
                                "objective": metrics.get("objective"), "step": metrics.get("step"),
                                "error": failure_reason(result.error) if result.error is not None else None,
                                "mlflow_run_id": runs.get(trial_id), "params": dict(result.config or {})}
+        row.update(feasibility_columns(metrics, objective))
         row.update({k: v for k, v in metrics.items() if k.startswith(("eval/", "objectives/"))})
         rows.append(row)
     return rows
 
 
-def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The completed trial with the highest objective (a stopped one only when none completed)."""
-    def usable(r: dict[str, Any]) -> bool:
-        v = r.get("objective")
-        return isinstance(v, (int, float)) and math.isfinite(v)
+def _usable(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-    for pool in ([r for r in rows if r["status"] == "completed" and usable(r)], [r for r in rows if usable(r)]):
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The feasible completed trial with the highest objective (a feasible stopped one only when no completed
+    trial is feasible); None when no trial is feasible. An infeasible trial is never best, whatever its objective."""
+    candidates = [r for r in rows if r.get("feasible") is True and _usable(r.get("objective"))]
+    for pool in ([r for r in candidates if r["status"] == "completed"], candidates):
         if pool:
             return max(pool, key=lambda r: r["objective"])
     return None
 
 
+def infeasible_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per infeasible trial: the limits it broke and by how much (constraint value = measured - limit)."""
+    lines = []
+    for r in rows:
+        if r.get("feasible") is False:
+            over = ", ".join(f"{k.split('/', 1)[1]} +{v:.3g}" for k, v in r.items()
+                             if k.startswith("constraints/") and isinstance(v, (int, float)) and v > 0)
+            lines.append(f"{r['trial_id']}: objective {r['objective']:.4g}, over the limit: {over}")
+    return lines
+
+
 def _write_summary(cfg: SweepConfig, base: dict, outcome: SweepOutcome, target) -> None:
-    """Results table (CSV + JSON), best config, plots: written to <sweep>/summary and logged to the parent run."""
+    """Results table (CSV + JSON), best feasible config (or ``no_feasible_trial.txt`` saying why there is none),
+    plots: written to <sweep>/summary and logged to the parent run."""
     from crl_ray import plots, tracking
     from crl_ray.trial import resolve_trial_config
 
@@ -396,22 +428,33 @@ def _write_summary(cfg: SweepConfig, base: dict, outcome: SweepOutcome, target) 
     best = outcome.best
     if best is not None:
         best_cfg = resolve_trial_config(base, best["params"], source=f"trial {best['trial_id']}")
-        header = (f"# Best trial of sweep {cfg.name}: {best['trial_id']} (objective {best['objective']:.4g}, "
+        header = (f"# Best feasible trial of sweep {cfg.name}: {best['trial_id']} (objective {best['objective']:.4g}, "
                   f"MLflow run {best['mlflow_run_id']}).\n# Its resolved config, as trained and evaluated.\n")
         (out / "best_config.yaml").write_text(header + yaml.safe_dump(dump_config(best_cfg), sort_keys=False,
                                                                        width=110))
         files.append(out / "best_config.yaml")
+    elif any(r.get("feasible") is False for r in rows):
+        text = (f"No trial of sweep {cfg.name} is within objective.constraints, so there is no best config.\n"
+                "Each trial's limits broken (constraint value = measured - limit):\n"
+                + "".join(f"  {line}\n" for line in infeasible_lines(rows))
+                + "Widen a limit (or set it to null) only if the trials above are acceptable models.\n")
+        (out / "no_feasible_trial.txt").write_text(text)
+        files.append(out / "no_feasible_trial.txt")
     tracking.log_artifacts(target, target.parent_run_id, [(f, "summary") for f in files])
     summary = {"trials/completed": outcome.count("completed"), "trials/stopped_early": outcome.count("stopped_early"),
-               "trials/failed": outcome.count("failed")}
+               "trials/failed": outcome.count("failed"),
+               "trials/feasible": sum(1 for r in rows if r.get("feasible") is True),
+               "trials/infeasible": sum(1 for r in rows if r.get("feasible") is False)}
     if best is not None:
         summary["best/objective"] = best["objective"]
-        summary.update({f"best/{k}": v for k, v in best.items() if k.startswith(("eval/", "objectives/"))})
+        summary.update({f"best/{k}": v for k, v in best.items()
+                        if k.startswith(("eval/", "objectives/", "constraints/"))})
     tracking.log_metrics(target, target.parent_run_id, summary, 0, where="sweep summary")
 
 
 def render_outcome(outcome: SweepOutcome, resume_command: str) -> str:
-    """The closing message: what ran, the best trial, where MLflow is and how to open it."""
+    """The closing message: what ran, trials outside the limits, the best feasible trial (or that there is none),
+    where MLflow is and how to open it."""
     lines = [f"sweep {outcome.name}: {len(outcome.rows)} trial(s) in {outcome.wall_s:.0f} s: "
              f"{outcome.count('completed')} completed, {outcome.count('stopped_early')} stopped early, "
              f"{outcome.count('failed')} failed"
@@ -422,11 +465,23 @@ def render_outcome(outcome: SweepOutcome, resume_command: str) -> str:
         if r["status"] == "failed":
             lines.append(f"  failed: {r['trial_id']}: {r['error']}")
     best = outcome.best
+    infeasible = infeasible_lines(outcome.rows)
+    if infeasible:
+        lines.append(f"{len(infeasible)} trial(s) outside objective.constraints (never best):")
+        lines.extend(f"  {line}" for line in infeasible[:MAX_LISTED])
+        if len(infeasible) > MAX_LISTED:
+            lines.append(f"  ... {len(infeasible) - MAX_LISTED} more in {outcome.folder / 'summary' / 'results.csv'}")
+    unchecked = sorted({r["constraints_unchecked"] for r in outcome.rows if r.get("constraints_unchecked")})
+    if unchecked:
+        lines.append(f"limits not applied (metric not reported): {' | '.join(unchecked)}")
     if best is not None:
         extra = ", ".join(f"{k.split('/', 1)[1]} {best[k]:.4g}" for k in best if k.startswith("objectives/"))
-        lines.append(f"best trial: {best['trial_id']}  objective {best['objective']:.4g}"
+        lines.append(f"best feasible trial: {best['trial_id']}  objective {best['objective']:.4g}"
                      + (f" ({extra})" if extra else ""))
         lines.append(f"  its config: {outcome.folder / 'summary' / 'best_config.yaml'}")
+    elif infeasible and not outcome.interrupted:
+        lines.append("no feasible trial: every trial that reported is outside objective.constraints, so there is "
+                     f"no best config (see {outcome.folder / 'summary' / 'no_feasible_trial.txt'})")
     lines.append(f"MLflow: experiment {outcome.experiment!r}, sweep run {outcome.parent_run_id} at "
                  f"{outcome.tracking_uri}")
     lines.append(f"  open it: {ui_command(outcome.tracking_uri)}")

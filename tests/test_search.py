@@ -1,18 +1,24 @@
-"""The search space as Optuna sees it, the samplers, and the ASHA segmentation (no Ray started)."""
+"""The search space as Optuna sees it, the samplers, the constrained searcher fed as Tune feeds it, and the ASHA
+segmentation (no Ray started)."""
 
 from __future__ import annotations
 
+import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
 import pytest
+from test_objective import COLLAPSED, UNTOUCHED, USEFUL
 
 from crl_ray import search, sweep
 from crl_ray.checks import load_config
 from crl_ray.config import LayerSpec
-from crl_ray.trial import resolve_trial_config
+from crl_ray.objective import constraint_values, scalar_objective, vector_objective
+from crl_ray.trial import report_metrics, resolve_trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
@@ -110,9 +116,13 @@ def test_sampler_per_algorithm_and_nsga2_population() -> None:
 
 
 def test_searcher_metrics_and_persisted_study(tmp_path) -> None:
+    from ray.tune.search.optuna import OptunaSearch
+
     cfg = smoke()
     searcher = search.make_searcher(cfg, tmp_path)
     assert searcher.metric == "objective" and searcher.mode == "max"
+    assert isinstance(searcher, OptunaSearch) and type(searcher) is search.ConstrainedOptunaSearch
+    assert searcher.objective == cfg.objective
     assert (tmp_path / "optuna.db").is_file()
     assert search.load_study(cfg, tmp_path).study_name == "smoke"
     pareto = search.make_searcher(smoke("objective.kind=pareto", "search.algorithm=nsga2", "name=p"), tmp_path)
@@ -193,3 +203,98 @@ def test_malformed_sweep_is_rejected_before_anything_starts(tmp_path, capsys) ->
     out, err = capsys.readouterr()
     assert code == 2 and "train.steps" in err and "train.stepz" in err and out == ""
     assert not runs.exists() and not ray.is_initialized()
+
+
+# ------------------------------------------------------------------------------------------ constraints
+def tune_result(cfg, metrics: dict) -> dict:
+    """A trial's last result as Tune hands it to the searcher: what the driver reports (crl_ray.trial)."""
+    evaluation = SimpleNamespace(metrics=metrics, objective=scalar_objective(metrics, cfg.objective),
+                                 objectives=vector_objective(metrics, cfg.objective))
+    return {**report_metrics({"train/loss": 1.0}, evaluation, step=4, final=True), "training_iteration": 1}
+
+
+def feed(searcher, cfg, evaluations: list[dict]) -> None:
+    """Run trials t0, t1, ... through the searcher as Tune does: suggest a config, then complete it with its result."""
+    searcher.set_search_properties(None, None, {})
+    for i, metrics in enumerate(evaluations):
+        assert searcher.suggest(f"t{i}") is not None
+        searcher.on_trial_complete(f"t{i}", tune_result(cfg, metrics))
+
+
+def test_tpe_records_constraints_and_best_trial_is_feasible(tmp_path) -> None:
+    # zero penalty weights: collapse has the highest scalar, so only the constraints keep it from winning
+    cfg = smoke("objective.over_refusal_weight=0", "objective.degeneracy_weight=0")
+    searcher = search.make_searcher(cfg, tmp_path)
+    evaluations = [COLLAPSED, USEFUL, UNTOUCHED] * 4  # 12 trials: past TPE's 10 random startup trials
+    feed(searcher, cfg, evaluations)
+    study = search.load_study(cfg, tmp_path)
+    trials = study.trials
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    for t, metrics in zip(trials, evaluations):
+        assert t.constraints == pytest.approx(constraint_values(metrics, cfg.objective))
+    assert trials[0].value == pytest.approx(0.2) and trials[0].value > trials[1].value > trials[2].value
+    assert max(trials, key=lambda t: t.value).number == 0  # unconstrained, the collapsed trial would be best
+    assert study.best_trial.number == 1 and study.best_trial.value == pytest.approx(0.01)
+    assert searcher.suggest("t12") is not None  # TPE proposes from a constrained history
+
+
+def test_nsga2_parents_and_pareto_set_are_feasible(tmp_path) -> None:
+    cfg = smoke("objective.kind=pareto", "search.algorithm=nsga2", "search.population_size=2", "name=p")
+    searcher = search.make_searcher(cfg, tmp_path)
+    # generation 0: collapsed, useful; generation 1: collapsed, untouched. (ASR, capability): collapsed (0, 0.2),
+    # useful (0.2, 0.21), untouched (0.93, 0.215): all three are on the unconstrained front.
+    feed(searcher, cfg, [COLLAPSED, USEFUL, COLLAPSED, UNTOUCHED])
+    study = search.load_study(cfg, tmp_path)
+    assert [t.constraints["kl_benign"] > 0 for t in study.trials] == [True, False, True, False]
+    assert {t.number for t in study.best_trials} == {1, 3}
+    # the next generation's parents: constrained domination puts both feasible trials first (unconstrained,
+    # crowding distance would keep a collapsed trial, the lowest ASR, as a parent)
+    assert searcher.suggest("t4") is not None
+    parents = search.make_sampler(cfg).get_parent_population(study, 2)
+    assert {t.number for t in parents} == {1, 3}
+
+
+def test_searcher_pickles_and_restores_with_its_limits(tmp_path) -> None:
+    import ray.cloudpickle
+
+    cfg = smoke("objective.constraints.max_kl_benign=0.05")  # useful (KL 0.1) is now over the limit too
+    searcher = search.make_searcher(cfg, tmp_path)
+    feed(searcher, cfg, [UNTOUCHED])
+    assert searcher.suggest("t1") is not None  # asked before the checkpoint, told after the restore
+    for dumps, loads in ((pickle.dumps, pickle.loads), (ray.cloudpickle.dumps, ray.cloudpickle.loads)):
+        copy = loads(dumps(searcher))
+        assert type(copy) is search.ConstrainedOptunaSearch and copy.objective == cfg.objective
+    searcher.save(str(tmp_path / "searcher.pkl"))  # what Tune does at an experiment checkpoint
+    restored = search.make_searcher(cfg, tmp_path)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.objective.constraints.max_kl_benign == 0.05
+    restored.on_trial_complete("t1", tune_result(cfg, USEFUL))
+    study = search.load_study(cfg, tmp_path)
+    assert study.trials[1].state == optuna.trial.TrialState.COMPLETE
+    assert study.trials[1].constraints["kl_benign"] == pytest.approx(0.1 - 0.05)
+    assert study.best_trial.number == 0  # the untouched model: feasible, although it scores lower
+
+
+def test_limit_without_its_metric_is_skipped_with_one_warning(tmp_path, caplog) -> None:
+    cfg = smoke()
+    searcher = search.make_searcher(cfg, tmp_path)
+    without_base = {k: v for k, v in USEFUL.items() if k != "eval/mmlu_base"}
+    with caplog.at_level("WARNING", logger="crl_ray.search"):
+        feed(searcher, cfg, [without_base, without_base])
+        # a trial that failed before its first evaluation gets no constraints and no warning
+        searcher.suggest("t9")
+        searcher.on_trial_complete("t9", {"training_iteration": 0}, error=True)
+    warnings = [r.getMessage() for r in caplog.records if "not applied" in r.getMessage()]
+    assert len(warnings) == 1 and "mmlu_drop" in warnings[0] and "eval/mmlu_base" in warnings[0]
+    trials = search.load_study(cfg, tmp_path).trials
+    assert set(trials[0].constraints) == set(trials[1].constraints) == {"over_refusal", "benign_degeneracy",
+                                                                        "kl_benign"}
+    assert trials[2].state == optuna.trial.TrialState.FAIL and trials[2].constraints == {}
+
+
+def test_importing_the_search_module_does_not_import_ray() -> None:
+    code = ("import sys, crl_ray.sweep, crl_ray.search; assert 'ray' not in sys.modules, 'ray imported'; "
+            "print(crl_ray.search.ConstrainedOptunaSearch.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ConstrainedOptunaSearch"
