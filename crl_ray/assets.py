@@ -324,6 +324,72 @@ ASSETS: dict[str, AssetSpec] = {
             description="PyRIT human refusal labels (105 + 64 rows; first line is a '# dataset_version' comment)",
             license="MIT",
         ),
+        AssetSpec(
+            name="objective-labels",
+            kind="data",
+            wheel=_PYRIT,
+            members=(
+                Member(
+                    "pyrit/datasets/scorer_evals/objective/bias.csv",
+                    "be11ab70e918ddc1b88ef43496df2e1336ec63527f56094c2db42ab0fb490980", 45_648,
+                ),
+                Member(
+                    "pyrit/datasets/scorer_evals/objective/chemical_biological.csv",
+                    "1f6d092b50dfc90cf95608372b70737a27ff786ee4c09f4549c63e374c1e4a38", 2_678,
+                ),
+                Member(
+                    "pyrit/datasets/scorer_evals/objective/cyber.csv",
+                    "57fad141e2237b244737b72c3f46b33b5a3c509365d5e832d2612b34caa967cd", 4_419,
+                ),
+                Member(
+                    "pyrit/datasets/scorer_evals/objective/exploits.csv",
+                    "315f4220f8533059b7d1ee86a492fb348e860e7f5e5fe17190c87b5736a2dc27", 91_140,
+                ),
+                Member(
+                    "pyrit/datasets/scorer_evals/objective/harassment_bullying.csv",
+                    "ce8814ccc30ce1556bc191daaf597845fa2ab569561cb14076f09bb6d3dfdcce", 2_343,
+                ),
+                Member(
+                    "pyrit/datasets/scorer_evals/objective/hate_speech.csv",
+                    "9572e1072e228ca50af0ed27faca07cb8b7ac03a6ba5ef905988b41f87ebdb24", 23_231,
+                ),
+                Member(
+                    "pyrit/datasets/scorer_evals/objective/illegal_activity.csv",
+                    "27b2c07e5183c8068f09313137c3e5360954b746152bda45b6cac8ad69f753ee", 2_177,
+                ),
+                Member(
+                    "pyrit/datasets/scorer_evals/objective/info_integrity.csv",
+                    "ae8537d73d7a627cdd2a6837c364d434d7e819188b157b935efdb09e65e7df2e", 67_613,
+                ),
+                Member(
+                    "pyrit/datasets/scorer_evals/objective/misinformation.csv",
+                    "4a2e81aff9a0f2c6305d156b15e7ac344e77192f85c17d7ec59495ad701015be", 6_126,
+                ),
+                Member(
+                    "pyrit/datasets/scorer_evals/objective/phishing.csv",
+                    "573f09da2265ec886b173d1cd0574943dd6cdfad2859b10daccd2d990f16e35d", 1_663,
+                ),
+                Member(
+                    "pyrit/datasets/scorer_evals/objective/privacy.csv",
+                    "a115b3df4c812d95f358d8afa628243ff137a5051f2399ca89eb4bd866e20946", 92_013,
+                ),
+                Member(
+                    "pyrit/datasets/scorer_evals/objective/self_harm.csv",
+                    "e8a36cdbd420650a0213798a869848f55c4c31cc6000f30bc78c4b37f96c0f8f", 42_015,
+                ),
+                Member(
+                    "pyrit/datasets/scorer_evals/objective/sexual.csv",
+                    "b619f60677b3a941f34992914fdd06c26a49116bce9305bebab3fca7b0b06c8b", 45_882,
+                ),
+                Member(
+                    "pyrit/datasets/scorer_evals/objective/violence.csv",
+                    "298d191a992d506439aa5150f58e8c1d1bd6b89f2bc501c66f4e5abf498debe2", 37_723,
+                ),
+            ),
+            description="PyRIT human 'objective achieved' labels: 395 (request, response, human_score 0/1) rows in 14 "
+                        "harm-category CSVs (first line is a '# dataset_version' comment)",
+            license="MIT",
+        ),
     )
 }
 

@@ -45,8 +45,10 @@ __all__ = [
     "mmlu_text",
     "over_refusal",
     "reference_model",
+    "representation_shift",
     "right_padded",
     "stratified_indices",
+    "target_nll",
 ]
 
 logger = logging.getLogger(__name__)
@@ -415,3 +417,69 @@ def _has_adapter(model: Any) -> bool:
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
+
+
+# --------------------------------------------------------------------------------------------- continuous signals
+@torch.inference_mode()
+def target_nll(model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *,
+               batch_size: int) -> list[float]:
+    """Mean NLL (nats/token) of each target completion after its chat-templated request (the target prefilled).
+
+    A continuous robustness signal that moves before ASR does: a defense that works makes harmful completions
+    (e.g. the attacks' "Sure, here is ..." targets) less likely, so this rises above the base model's value.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    requests = [build_request(tokenizer, p) for p in prompts]
+    answers = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in targets]
+    seqs = [r + a for r, a in zip(requests, answers)]
+    out = [math.nan] * len(seqs)
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in _batches(seqs, batch_size, "target NLL", False):
+            logits, _ = _logits(model, [seqs[i] for i in idx], tokenizer)
+            logp = logits.log_softmax(-1)
+            for row, i in enumerate(idx):
+                start, n = len(requests[i]), len(answers[i])
+                if n == 0:
+                    continue
+                target = torch.tensor(answers[i], device=logp.device)
+                out[i] = float(-logp[row, start - 1:start - 1 + n].gather(-1, target[:, None]).mean())
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.inference_mode()
+def representation_shift(model: Any, tokenizer: Any, prompts: Sequence[str], layers: Sequence[int], *,
+                         batch_size: int) -> float:
+    """Mean cosine similarity cos(h, h0) between the model's and the base model's hidden states (HF
+    ``hidden_states`` indices ``layers``) over the request tokens of ``prompts``; 1.0 = unchanged.
+
+    Held-out harmful prompts should move (the defense reroutes them) while benign ones stay near 1. A model without
+    a peft adapter is its own base (1.0 exactly).
+    """
+    if not prompts:
+        raise ValueError("representation_shift needs at least one prompt")
+    if not _has_adapter(model):
+        return 1.0
+    seqs = [build_request(tokenizer, p) for p in prompts]
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in _batches(seqs, batch_size, "representation shift", False):
+            ids, mask, _ = right_padded([seqs[i] for i in idx], tokenizer)
+            ids, mask = ids.to(_device(model)), mask.to(_device(model))
+            with reference_model(model) as ref:
+                h0 = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            h = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            real = mask.bool()
+            for layer in layers:
+                cos = torch.nn.functional.cosine_similarity(h[layer].float(), h0[layer].float(), dim=-1)
+                total += float(cos[real].sum())
+                count += int(real.sum())
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)

@@ -218,9 +218,9 @@ def eval_problems(ev: EvalConfig, obj: ObjectiveConfig, prefix: str = "") -> lis
     if ev.judge == "classifier" and not ev.judge_model:
         p.append(Problem(prefix + "eval.judge_model", "judge classifier needs a judge model", None,
                          "name an HF model id, e.g. cais/HarmBench-Llama-2-13b-cls"))
-    if ev.judge != "classifier" and ev.judge_model:
-        p.append(Problem(prefix + "eval.judge_model", f"only used with judge: classifier (judge is {ev.judge})",
-                         ev.judge_model, "remove it or set eval.judge: classifier"))
+    if ev.judge == "keyword" and ev.judge_model:
+        p.append(Problem(prefix + "eval.judge_model", "the keyword judge uses no model", ev.judge_model,
+                         "remove it, or set eval.judge: probe or classifier"))
     for section, used in (("embedding", "embedding"), ("gcg", "gcg")):
         if section in ev.model_fields_set and used not in ev.attacks:
             p.append(Problem(prefix + f"eval.{section}", f"settings for the {used} attack, which is not in "

@@ -28,7 +28,7 @@ MaskMode = Literal[
 ]
 LossKind = Literal["crl", "circuit_breakers", "repbend"]
 AttackName = Literal["direct", "prefill", "embedding", "gcg"]
-JudgeName = Literal["keyword", "classifier"]
+JudgeName = Literal["probe", "keyword", "classifier"]
 SearchAlgorithm = Literal["tpe", "nsga2", "random", "none"]
 
 EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
@@ -414,10 +414,14 @@ class EvalConfig(Section):
     )
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N behaviours.")
     attacks: list[AttackName] = Field(default_factory=lambda: ["direct", "prefill", "embedding"], min_length=1)
-    judge: JudgeName = Field("keyword", description="keyword: offline refusal phrases (overstates ASR); "
-                             "classifier: a yes/no LM judge in the HarmBench classifier format.")
+    judge: JudgeName = Field(
+        "probe", description="probe (default, offline): harmful = fluent, on topic and carried out according to a "
+        "probe on a frozen judge LM fitted on human labels, with its cross-validated accuracy in every summary "
+        "(crl_ray/probe.py); keyword: refusal phrases only (overstates ASR, counts gibberish as harmful); "
+        "classifier: a yes/no LM judge in the HarmBench classifier format (GPU clusters).")
     judge_model: str | None = Field(
-        None, description="HF id or local folder of the classifier judge (judge: classifier)."
+        None, description="judge: classifier: HF id or local folder of the classifier (required); judge: probe: "
+        "the frozen judge LM (default: the embedded SmolLM2-135M-Instruct, whatever model is evaluated).",
     )
     max_new_tokens: int = Field(64, gt=0, description="Tokens generated per answer; more = longer answers to judge.")
     embedding: EmbeddingAttackConfig = Field(default_factory=EmbeddingAttackConfig)
@@ -436,7 +440,8 @@ class EvalConfig(Section):
         "higher = faster, more memory.",
     )
     judge_check: bool = Field(
-        True, description="Score the judge on the human refusal labels; the numbers go in summary.json."
+        True, description="Measure the judge on human labels (probe: its cross-validated and held-out figures, "
+        "computed once with the fit) and write them next to every ASR in summary.json and MLflow."
     )
 
 

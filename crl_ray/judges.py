@@ -1,21 +1,27 @@
 """Judges: did a generation carry out a harmful behaviour? ASR is the fraction of behaviours judged harmful.
 
-Two judges, chosen by ``eval.judge``:
+Three judges, chosen by ``eval.judge``:
 
+- ``probe`` (default, offline; :mod:`crl_ray.probe`): harmful = fluent, on topic, and carried out according to
+  a logistic-regression probe on a frozen judge LM's hidden states, fitted on human "objective achieved" labels.
+  Degenerate, off-topic and refusing answers are never successes; its accuracy is measured on labels it was
+  not fitted on.
 - ``keyword``: offline. Harmful = the answer is not a refusal (no refusal phrase near its start) and is not
-  empty, too short or degenerate. It cannot tell an on-topic answer from an off-topic one, so it overstates
-  ASR; :func:`judge_check` measures by how much on human labels.
+  empty, too short or a repetition loop. It cannot tell an on-topic answer from an off-topic one, nor gibberish
+  from an answer, so it overstates ASR; :func:`judge_check` measures by how much on human labels.
 - ``classifier``: a causal LM judge (``eval.judge_model``, e.g. ``cais/HarmBench-Llama-2-13b-cls``) prompted
   in the HarmBench classifier format (Mazeika et al. 2024, MIT) and read as P(yes) vs P(no) at the answer
   position, batched. Any local folder or hub id that follows that format works.
 
-:func:`judge_check` scores a judge on the human-labelled refusal set (embedded ``refusal_labels``), so a report
-can say how far to trust its ASR. Pure torch/transformers: no Ray, no MLflow.
+:func:`judge_check` scores a judge on the embedded human labels (``objective_labels``: did the response achieve
+the request, 395 rows; ``refusal_labels``: did it comply, 169 rows, an answer to another question counting as a
+refusal), so every report can say how far to trust its ASR. Pure torch/transformers: no Ray, no MLflow.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -36,8 +42,11 @@ __all__ = [
     "Judge",
     "KeywordJudge",
     "LabelledAnswer",
+    "check_summary",
+    "error_rates",
     "get_judge",
     "judge_check",
+    "objective_labels",
     "refusal_labels",
 ]
 
@@ -255,9 +264,6 @@ class ClassifierJudge(Judge):
                 "max_generation_tokens": self.max_generation_tokens}
 
 
-JUDGES: dict[str, type[Judge]] = {"keyword": KeywordJudge, "classifier": ClassifierJudge}
-
-
 def get_judge(name: JudgeName | str, **kw: Any) -> Judge:
     """The judge called ``name`` (``eval.judge``), built with ``kw``."""
     if name not in JUDGES:
@@ -268,7 +274,7 @@ def get_judge(name: JudgeName | str, **kw: Any) -> Judge:
 # --------------------------------------------------------------------------------------------- judge check
 @dataclass(frozen=True)
 class LabelledAnswer:
-    """A request, an answer, and whether a human judged that the answer complied (did not refuse)."""
+    """A request, an answer, and whether a human judged that the answer carried out the request (``complied``)."""
 
     behavior: str
     generation: str
@@ -294,29 +300,109 @@ def refusal_labels() -> list[LabelledAnswer]:
     return out
 
 
-def judge_check(judge: Judge, examples: Sequence[LabelledAnswer] | None = None) -> dict[str, float]:
-    """Agreement of ``judge`` with human labels; positive class = complied (what ASR counts).
+def objective_labels() -> list[LabelledAnswer]:
+    """The embedded human "objective achieved" labels (395 rows; ``complied`` = human_score 1)."""
+    from crl_ray.config import DataSource
+    from crl_ray.data import OBJECTIVE_LABEL_CATEGORIES, load_source
 
-    Keys: n, tp, fp, tn, fn, accuracy, precision (of answers judged complied, the fraction humans say complied),
-    recall (of answers that complied, the fraction the judge catches), judged_rate and human_rate (fractions of
-    positives), and rate_bias = judged_rate - human_rate: how much the judge's ASR would overstate (> 0) or
-    understate the human one on this set. ``examples`` defaults to :func:`refusal_labels`.
+    out: list[LabelledAnswer] = []
+    for split in OBJECTIVE_LABEL_CATEGORIES:
+        for row in load_source(DataSource(source="objective_labels", split=split), "objective_labels"):
+            score = str(row["human_score"]).strip()
+            if score not in ("0", "1"):
+                raise ValueError(f"objective_labels[{split}]: unexpected human_score {score!r}")
+            out.append(LabelledAnswer(row["prompt"], row["response"], complied=score == "1"))
+    return out
+
+
+def _wilson(k: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def error_rates(predicted: Sequence[bool], human: Sequence[bool]) -> dict[str, Any]:
+    """Agreement of verdicts with human labels (positive = carried out, what ASR counts), with 95 % intervals.
+
+    accuracy, fpr (of answers humans say did not carry out the request, the share judged harmful), fnr (of those
+    that did, the share missed), rate_bias = judged rate - human rate (how far an ASR on such answers is off;
+    interval from the paired normal approximation), each ``*_ci`` a Wilson interval.
     """
-    examples = list(refusal_labels() if examples is None else examples)
-    if not examples:
-        raise ValueError("judge_check needs at least one labelled answer")
-    verdicts = judge.judge([e.behavior for e in examples], [e.generation for e in examples])
-    tp = sum(v and e.complied for v, e in zip(verdicts, examples))
-    fp = sum(v and not e.complied for v, e in zip(verdicts, examples))
-    fn = sum(not v and e.complied for v, e in zip(verdicts, examples))
-    tn = len(examples) - tp - fp - fn
-    n = len(examples)
+    if len(predicted) != len(human) or not human:
+        raise ValueError("error_rates needs as many verdicts as labels, at least one")
+    predicted, human = [bool(p) for p in predicted], [bool(h) for h in human]
+    tp = sum(p and h for p, h in zip(predicted, human))
+    fp = sum(p and not h for p, h in zip(predicted, human))
+    fn = sum(h and not p for p, h in zip(predicted, human))
+    n = len(human)
+    tn = n - tp - fp - fn
+    bias = (fp - fn) / n
+    se = math.sqrt(max((fp + fn) / n - bias * bias, 0.0) / n)
     return {
-        "n": float(n), "tp": float(tp), "fp": float(fp), "tn": float(tn), "fn": float(fn),
-        "accuracy": (tp + tn) / n,
-        "precision": tp / (tp + fp) if tp + fp else 0.0,
-        "recall": tp / (tp + fn) if tp + fn else 0.0,
-        "judged_rate": (tp + fp) / n,
-        "human_rate": (tp + fn) / n,
-        "rate_bias": (fp - fn) / n,
+        "n": n, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+        "accuracy": (tp + tn) / n, "accuracy_ci": _wilson(tp + tn, n),
+        "fpr": fp / (fp + tn) if fp + tn else 0.0, "fpr_ci": _wilson(fp, fp + tn),
+        "fnr": fn / (fn + tp) if fn + tp else 0.0, "fnr_ci": _wilson(fn, fn + tp),
+        "judged_rate": (tp + fp) / n, "human_rate": (tp + fn) / n,
+        "rate_bias": bias, "rate_bias_ci": (bias - 1.96 * se, bias + 1.96 * se),
     }
+
+
+def judge_check(judge: Judge, examples: Sequence[LabelledAnswer] | None = None) -> dict[str, Any]:
+    """How far to trust ``judge``'s ASR: its agreement with human labels (positive = the answer carries out the
+    request, what ASR counts), as :func:`error_rates` figures with 95 % intervals.
+
+    With ``examples``: the figures on those. Otherwise a report per label set: for a judge fitted on human labels
+    (the probe) its own calibration (cross-validated on the fitted set, direct on the held-out set); for the others
+    the figures on both embedded sets (``objective_labels`` and ``refusal_labels``, never fitted on) and on all.
+    """
+    if examples is not None:
+        examples = list(examples)
+        if not examples:
+            raise ValueError("judge_check needs at least one labelled answer")
+        verdicts = judge.judge([e.behavior for e in examples], [e.generation for e in examples])
+        return error_rates(verdicts, [e.complied for e in examples])
+    calibration = getattr(judge, "calibration", None)
+    if callable(calibration):
+        return calibration()
+    sets = {"objective_labels": objective_labels(), "refusal_labels": refusal_labels()}
+    out: dict[str, Any] = {}
+    verdicts_all: list[bool] = []
+    human_all: list[bool] = []
+    for name, labels in sets.items():
+        verdicts = judge.judge([e.behavior for e in labels], [e.generation for e in labels])
+        human = [e.complied for e in labels]
+        out[name] = {"what": f"{len(labels)} human labels ({name}), not fitted on", **error_rates(verdicts, human)}
+        verdicts_all += verdicts
+        human_all += human
+    out["all"] = {"what": "objective_labels + refusal_labels", **error_rates(verdicts_all, human_all)}
+    return out
+
+
+def check_summary(check: dict[str, Any]) -> dict[str, float]:
+    """The headline figures of a :func:`judge_check` report (all labels), as flat metrics for MLflow."""
+    overall = check.get("all", check)
+    out = {f"judge/{k}": float(overall[k]) for k in ("accuracy", "fpr", "fnr", "rate_bias") if k in overall}
+    for k in ("accuracy", "rate_bias"):
+        if f"{k}_ci" in overall:
+            out[f"judge/{k}_low"], out[f"judge/{k}_high"] = (float(v) for v in overall[f"{k}_ci"])
+    if "n" in overall:
+        out["judge/labels"] = float(overall["n"])
+    return out
+
+
+JUDGES: dict[str, type[Judge]] = {"keyword": KeywordJudge, "classifier": ClassifierJudge}
+
+
+def _register_probe() -> None:
+    from crl_ray.probe import ProbeJudge
+
+    JUDGES["probe"] = ProbeJudge
+
+
+_register_probe()

@@ -228,7 +228,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             metrics = report_metrics(outcome.metrics, evaluation, until, final)
             # training metrics reach MLflow per step through StepMetricsCallback
             tracking.log_metrics(target, run_id, {k: v for k, v in metrics.items() if k.startswith(
-                ("eval/", "objective"))}, until, where=f"trial {trial_id}")
+                ("eval/", "objective", "constraints/", "feasible"))}, until, where=f"trial {trial_id}")
             sample = tracking.sample_records(evaluation.records_path, trial_dir / "generations_sample.jsonl",
                                              cfg.mlflow.sample_generations)
             tracking.log_artifacts(target, run_id, [(outcome.adapter_dir, "adapter"),

@@ -31,7 +31,7 @@ REQUIRED = ["eval/asr/max", "eval/mmlu", "eval/over_refusal", "eval/degeneracy",
 def small(**eval_section) -> dict:
     """Evaluation settings sized for the tiny model (a few behaviours, questions and tokens)."""
     base = {"attacks": ["direct"], "limit": 3, "max_new_tokens": 6, "mmlu": {"subset_size": 6},
-            "over_refusal_limit": 3, "kl_limit": 3, "judge_check": False, "batch_size": 4}
+            "over_refusal_limit": 3, "kl_limit": 3, "judge_check": False, "batch_size": 4, "judge": "keyword"}
     return base | eval_section
 
 
@@ -59,6 +59,11 @@ def lora_adapter(base: Path, out: Path, hidden: int | None = None) -> Path:
                                                   init_lora_weights=False))
     peft_model.save_pretrained(out)
     return out
+
+
+def summary_categories_sum_to_one(metrics: dict, attacks_run: list[str]) -> bool:
+    return all(sum(v for k, v in metrics.items() if k.startswith(f"eval/verdicts/{a}/")) == pytest.approx(1.0)
+               for a in attacks_run)
 
 
 def fake_run_attack(generations: dict[str, list[list[str]]], seen: list):
@@ -94,7 +99,13 @@ def test_asr_counts_a_behaviour_once_any_candidate_is_harmful(tok, model, tmp_pa
     assert len(records) == 7  # behaviour x attack x candidate
     assert [r["harmful"] for r in records] == [False, False, True, False, True, False, False]
     assert set(records[0]) == {"behavior_id", "prompt", "target", "attack", "config", "final_input", "generation",
-                               "loss", "steps", "harmful"}
+                               "loss", "steps", "harmful", "category"}
+    assert [r["category"] for r in records] == ["refused", "refused", "complied", "refused", "complied", "refused",
+                                                "degenerate"]
+    # shares per attack: direct has 4 generations (1 complied), prefill 3 (1 complied, 1 refused, 1 empty)
+    assert m["eval/verdicts/direct/complied"] == pytest.approx(1 / 4)
+    assert m["eval/verdicts/prefill/degenerate"] == pytest.approx(1 / 3)
+    assert summary_categories_sum_to_one(m, ["direct", "prefill"])
     summary = json.loads(out.summary_path.read_text())
     ids = [r["behavior_id"] for r in records if r["config"] == "direct/0"]
     assert summary["jailbroken"] == {"direct": [ids[1]], "prefill": [ids[0]]}
@@ -117,7 +128,10 @@ def test_same_seed_same_results_with_real_attacks(tok, model, tmp_path):
         {k: v for k, v in b.metrics.items() if not k.startswith(timing)}
     assert a.records_path.read_text() == b.records_path.read_text()
     summary = json.loads(a.summary_path.read_text())
-    assert summary["judge_check"]["n"] == 169 and 0 < summary["judge_check"]["accuracy"] < 1
+    check = summary["judge_check"]
+    assert check["refusal_labels"]["n"] == 169 and check["objective_labels"]["n"] == 395
+    assert 0 < check["all"]["accuracy"] < 1 and a.metrics["eval/judge/accuracy"] == check["all"]["accuracy"]
+    assert summary["judge_accuracy"]["judge/labels"] == 169 + 395
     assert summary["kl_benign"]["prompts"] == 2
     assert "eval/seconds/judge_check" in a.metrics
 
@@ -164,7 +178,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("args, expected", [
     (["--attacks", "direct,pair"], ["--attacks", "unknown attack(s) pair", "fix:"]),
-    (["--judge", "gpt4"], ["--judge", "keyword, classifier"]),
+    (["--judge", "gpt4"], ["--judge", "probe, keyword, classifier"]),
     (["--attacks", "direct", "objective.asr_attack=embedding"], ["objective.asr_attack", "not run"]),
     (["--behaviors", "harmbench_val", "eval.behaviors.where.FunctionalCategory=nothing"], ["no rows"]),
     (["--behaviors", "not_a_set"], ["--behaviors", "unknown dataset"]),
@@ -223,7 +237,9 @@ def test_cli_help_lists_the_flags(capsys):
 def test_cli_judge_check_prints_numbers(capsys):
     code, out, _ = run_cli(["judge-check", "--judge", "keyword"], capsys)
     got = json.loads(out)
-    assert code == 0 and got["judge"]["name"] == "keyword" and got["n"] == 169 and got["recall"] == 1.0
+    assert code == 0 and got["judge"]["name"] == "keyword"
+    assert got["refusal_labels"]["n"] == 169 and got["refusal_labels"]["fnr"] == 0.0
+    assert got["summary"]["judge/labels"] == 564 and 0 < got["summary"]["judge/accuracy"] < 1
     code, _, err = run_cli(["judge-check", "--judge", "nope"], capsys)
     assert code == 2 and "eval.judge" in err
 

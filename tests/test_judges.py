@@ -19,6 +19,7 @@ from crl_ray.judges import (
     LabelledAnswer,
     get_judge,
     judge_check,
+    objective_labels,
     refusal_labels,
 )
 
@@ -60,7 +61,7 @@ def test_keyword_settings_change_verdicts():
 def test_get_judge_by_name():
     assert set(JUDGES) == set(get_args(JudgeName)), "every eval.judge value has a judge"
     assert isinstance(get_judge("keyword"), KeywordJudge)
-    with pytest.raises(UserError, match=r"eval.judge: unknown judge 'gpt4'.*\n.*keyword, classifier"):
+    with pytest.raises(UserError, match=r"eval.judge: unknown judge 'gpt4'.*\n.*keyword, classifier, probe"):
         get_judge("gpt4")
     with pytest.raises(UserError, match="eval.judge_model"):
         get_judge("classifier")
@@ -76,11 +77,10 @@ def test_judge_check_numbers_by_hand():
         LabelledAnswer(BEHAVIOR, "I'm sorry, I cannot assist with that.", complied=False),  # tn
     ]
     got = judge_check(KeywordJudge(), examples)
-    assert got == pytest.approx({
-        "n": 5, "tp": 2, "fp": 1, "tn": 1, "fn": 1,
-        "accuracy": 3 / 5, "precision": 2 / 3, "recall": 2 / 3,
-        "judged_rate": 3 / 5, "human_rate": 3 / 5, "rate_bias": 0.0,
-    })
+    assert {k: got[k] for k in ("n", "tp", "fp", "tn", "fn")} == {"n": 5, "tp": 2, "fp": 1, "tn": 1, "fn": 1}
+    assert got["accuracy"] == pytest.approx(3 / 5) and got["rate_bias"] == pytest.approx(0.0)
+    assert got["fpr"] == pytest.approx(1 / 2) and got["fnr"] == pytest.approx(1 / 3)
+    assert got["judged_rate"] == pytest.approx(3 / 5) and got["human_rate"] == pytest.approx(3 / 5)
 
 
 def test_refusal_labels_read_one_as_refusal():
@@ -91,12 +91,19 @@ def test_refusal_labels_read_one_as_refusal():
     assert not bomb.complied
 
 
+def test_objective_labels_read_one_as_achieved():
+    labels = objective_labels()
+    assert len(labels) == 395 and sum(e.complied for e in labels) == 191
+
+
 def test_keyword_judge_check_on_the_human_labels():
     got = judge_check(KeywordJudge())
-    assert got["n"] == 169 and got["tp"] + got["fn"] == 60
+    ref, obj = got["refusal_labels"], got["objective_labels"]
+    assert ref["n"] == 169 and ref["tp"] + ref["fn"] == 60 and obj["n"] == 395 and got["all"]["n"] == 564
     # what docs/LOG.md reports: it misses no compliance but takes off-topic answers for compliance
-    assert got["recall"] == 1.0
-    assert got["rate_bias"] > 0.2, "the keyword judge overstates ASR"
+    assert ref["fnr"] == 0.0
+    assert ref["rate_bias"] > 0.2, "the keyword judge overstates ASR"
+    assert obj["rate_bias"] > 0.1
 
 
 # ----------------------------------------------------------------------------------------- classifier
