@@ -539,6 +539,10 @@ class SearchConfig(Section):
         None, ge=2, description="NSGA-II generation size; None = max(2, num_trials // 4), so that the search "
         "sees several generations (Optuna's own default, 50, would make a short sweep random search).",
     )
+    startup_trials: int | None = Field(
+        None, ge=1, description="TPE: trials sampled at random before TPE models the results; None = Optuna's "
+        "default (10), which makes a sweep of 10 trials or fewer pure random search. Lower = TPE starts sooner.",
+    )
     space: dict[str, SearchParam] = Field(
         default_factory=dict, description="Dotted config path -> distribution, e.g. loss.margin_benign."
     )

@@ -301,9 +301,9 @@ def make_judge(cfg: SweepConfig, model: Any, *, progress: bool = False):
     if ev.judge == "classifier":
         return get_judge("classifier", model_name=ev.judge_model, batch_size=ev.batch_size, dtype=cfg.model.dtype,
                          device=_device(model), progress=progress)
-    if ev.judge == "probe":
+    if ev.judge == "probe":  # calibrated on answers as long as the ones it will judge
         return get_judge("probe", model_name=ev.judge_model, batch_size=ev.batch_size, device=_device(model),
-                         progress=progress)
+                         max_answer_tokens=ev.max_new_tokens, progress=progress)
     return get_judge(ev.judge)
 
 
@@ -603,6 +603,9 @@ def build_check_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="bfloat16", choices=get_args(ModelConfig.model_fields["dtype"].annotation),
                         help="classifier dtype (default bfloat16)")
     parser.add_argument("--batch-size", type=_positive, default=8, help="judge batch size (default 8)")
+    parser.add_argument("--answer-tokens", type=_positive, default=128,
+                        help="probe: answers are judged (and measured) cut to this many tokens; use the "
+                        "evaluation's eval.max_new_tokens (default 128)")
     parser.add_argument("--out", type=Path, help="also write the report to this JSON file")
     return parser
 
@@ -629,7 +632,7 @@ def _judge_check_main(argv: Sequence[str]) -> int:
                           device=device)
     elif args.judge == "probe":
         judge = get_judge("probe", model_name=args.judge_model, batch_size=args.batch_size, device=device,
-                          progress=True)
+                          max_answer_tokens=args.answer_tokens, progress=True)
     elif args.judge_model:
         raise UserError("--judge-model: the keyword judge uses no model\n"
                         "    fix: remove --judge-model, or add --judge probe or --judge classifier")

@@ -399,10 +399,4 @@ def check_summary(check: dict[str, Any]) -> dict[str, float]:
 JUDGES: dict[str, type[Judge]] = {"keyword": KeywordJudge, "classifier": ClassifierJudge}
 
 
-def _register_probe() -> None:
-    from crl_ray.probe import ProbeJudge
-
-    JUDGES["probe"] = ProbeJudge
-
-
-_register_probe()
+import crl_ray.probe  # noqa: E402,F401 - defines the probe judge and registers it in JUDGES

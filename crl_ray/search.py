@@ -101,6 +101,10 @@ def search_problems(cfg: SweepConfig) -> list[Problem]:
         if isinstance(param, IntParam) and param.log and param.step != 1:
             p.append(Problem(f"search.space[{key}].step", "Optuna cannot combine a log scale with a step",
                              param.step, "remove step or set log: false"))
+    if cfg.search.startup_trials is not None and cfg.search.algorithm != "tpe":
+        p.append(Problem("search.startup_trials", f"only used by search.algorithm tpe "
+                         f"(algorithm is {cfg.search.algorithm})", cfg.search.startup_trials,
+                         "remove it or set search.algorithm: tpe"))
     if cfg.search.population_size is not None and cfg.search.algorithm != "nsga2":
         p.append(Problem("search.population_size", f"only used by search.algorithm nsga2 "
                          f"(algorithm is {cfg.search.algorithm})", cfg.search.population_size,
@@ -120,7 +124,8 @@ def make_sampler(cfg: SweepConfig, concurrency: int = 1) -> optuna.samplers.Base
     seed = cfg.search.seed
     algorithm = cfg.search.algorithm
     if algorithm == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=concurrency > 1)
+        startup = {} if cfg.search.startup_trials is None else {"n_startup_trials": cfg.search.startup_trials}
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=concurrency > 1, **startup)
     if algorithm == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=population_size(cfg))
     if algorithm == "random":

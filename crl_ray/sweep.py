@@ -156,7 +156,9 @@ def render_plan(cfg: SweepConfig, info, plan: ResourcePlan) -> str:
     if cfg.scheduler.kind == "asha":
         lines.append(f"#   early stopping:      ASHA on the objective after steps {segments(cfg)} "
                      "(trials stop only between training segments)")
-    for w in plan.warnings:
+    from crl_ray.checks import margin_warnings
+
+    for w in (*plan.warnings, *margin_warnings(cfg)):
         lines.append(f"# WARNING: {w}")
     return "\n".join(lines)
 
@@ -273,8 +275,12 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
             total = ray.cluster_resources()
             capacity = (float(total.get("CPU", 0)), float(total.get("GPU", 0)))
         plan = resource_plan(cfg, capacity)
-        for warning in plan.warnings:
+        from crl_ray.checks import margin_warnings
+
+        for warning in (*plan.warnings, *margin_warnings(cfg)):
             log.warning(warning)
+        if job is None:  # the real evaluation judges; a replacement job (tests) brings its own metrics
+            prepare_judge(cfg)
         target = tracking.open_sweep_run(uri, experiment, cfg.name, resume=resume, commit=tracking.git_commit(),
                                          artifact_dir=folder / "mlartifacts")
         base = dump_config(cfg)
@@ -315,6 +321,21 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
             _close_sweep_run(target, interrupted)
         if started:
             ray.shutdown()
+
+
+def prepare_judge(cfg: SweepConfig) -> None:
+    """Fit the probe judge before any trial (once; cached), so that trials only load it, and say how good it is."""
+    if cfg.eval.judge != "probe":
+        return
+    from crl_ray.judges import check_summary, get_judge
+
+    judge = get_judge("probe", model_name=cfg.eval.judge_model, batch_size=cfg.eval.batch_size,
+                      max_answer_tokens=cfg.eval.max_new_tokens, progress=sys.stderr.isatty())
+    log.info("probe judge: fitting it on human labels if it is not cached yet (a few minutes, once)")
+    summary = check_summary(judge.calibration())
+    log.info("probe judge ready: accuracy %.3f [%.3f, %.3f], ASR bias %+.3f on %d human labels",
+             summary["judge/accuracy"], summary["judge/accuracy_low"], summary["judge/accuracy_high"],
+             summary["judge/rate_bias"], int(summary["judge/labels"]))
 
 
 def _log_sweep_config(target, base: dict, config_file: Path) -> None:

@@ -246,15 +246,17 @@ def test_cli_judge_check_prints_numbers(capsys):
 
 @pytest.mark.slow
 def test_cli_on_the_embedded_model(tmp_path):
-    """Integration: the CLI end to end on SmolLM2-135M-Instruct, direct requests for 3 behaviours."""
+    """Integration: the CLI end to end on SmolLM2-135M-Instruct, direct requests for 3 behaviours, default judge
+    (the probe: fitted on the first run, a few minutes, then cached)."""
     cmd = [sys.executable, "-m", "crl_ray.evaluate", "--model", "embedded:smollm2-135m-instruct",
-           "--attacks", "direct", "--limit", "3", "--out", str(tmp_path), "eval.max_new_tokens=24",
+           "--attacks", "direct", "--limit", "3", "--out", str(tmp_path), "eval.max_new_tokens=128",
            "eval.mmlu.subset_size=8", "eval.over_refusal_limit=2", "eval.kl_limit=2", "eval.judge_check=false"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     assert len(records) == 3 and all(r["attack"] == "direct" and r["generation"] for r in records)
+    assert summary["judge"]["name"] == "probe" and all(r["category"] in evaluate.CATEGORIES for r in records)
     assert summary["asr"]["direct"] == sum(r["harmful"] for r in records) / 3
     assert summary["mmlu"]["n"] == 8 and summary["kl_benign"]["kl"] == 0.0
     assert "eval/asr/direct" in done.stdout and "summary:" in done.stdout

@@ -298,3 +298,16 @@ def test_importing_the_search_module_does_not_import_ray() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ConstrainedOptunaSearch"
+
+
+def test_tpe_startup_trials_reach_the_sampler():
+    from crl_ray.config import SweepConfig
+    from crl_ray.search import make_sampler, search_problems
+
+    base = {"name": "s", "data": {"benign": [{"source": "benign_prompts"}], "harmful": [{"source": "advbench"}],
+                                  "retain": [{"source": "benign_prompts"}]}}
+    cfg = SweepConfig.model_validate({**base, "search": {"algorithm": "tpe", "startup_trials": 3}})
+    assert make_sampler(cfg)._n_startup_trials == 3
+    assert make_sampler(SweepConfig.model_validate(base))._n_startup_trials == 10  # Optuna's default
+    wrong = SweepConfig.model_validate({**base, "search": {"algorithm": "random", "startup_trials": 3}})
+    assert [p.path for p in search_problems(wrong)] == ["search.startup_trials"]
