@@ -223,7 +223,7 @@ def feed(searcher, cfg, evaluations: list[dict]) -> None:
 
 def test_tpe_records_constraints_and_best_trial_is_feasible(tmp_path) -> None:
     # zero penalty weights: collapse has the highest scalar, so only the constraints keep it from winning
-    cfg = smoke("objective.over_refusal_weight=0", "objective.degeneracy_weight=0")
+    cfg = smoke("objective.over_refusal_weight=0", "objective.degeneracy_weight=0", "objective.capability=mmlu")
     searcher = search.make_searcher(cfg, tmp_path)
     evaluations = [COLLAPSED, USEFUL, UNTOUCHED] * 4  # 12 trials: past TPE's 10 random startup trials
     feed(searcher, cfg, evaluations)
