@@ -152,3 +152,16 @@ def test_margin_warnings_for_searched_margins_and_distances():
     assert len(by_distance) == 1 and "when loss.dist_benign_neg is cosine" in by_distance[0]
     assert margin_warnings(cfg_with(search=search(  # mix: unbounded
         {"loss.margin_benign": {"type": "float", "low": 50, "high": 5000}}))) == []
+
+
+def test_dry_run_prints_margin_warnings_and_shipped_cpu_sweeps_have_none(capsys):
+    from crl_ray import sweep
+
+    overrides = ["loss.dist_harmful_neg=cosine", "loss.dist_benign_neg=cosine", "loss.margin_benign=3"]
+    assert sweep.main([str(SWEEPS / "smoke.yaml"), *overrides, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# WARNING: loss.margin_benign = 3 >= 2" in out
+    assert "search.space[loss.margin_harmful] searches 300..3000" in out
+    for name in ("smoke", "demo", "defend"):
+        assert sweep.main([str(SWEEPS / f"{name}.yaml"), "--dry-run"]) == 0
+        assert "WARNING" not in capsys.readouterr().out, name
