@@ -156,6 +156,29 @@ def test_evaluate_adapter_measures_drift_from_the_base(model_dir, tmp_path):
     assert with_adapter.metrics["eval/kl_benign"] > 0.001
     assert without.metrics["eval/kl_benign"] == 0.0
     assert with_adapter.metrics["eval/ppl_benign_base"] == pytest.approx(without.metrics["eval/ppl_benign"])
+    # continuous signals: the adapter moves states and target likelihoods; the base model is its own reference
+    w, wo = with_adapter.metrics, without.metrics
+    assert wo["eval/repr_cos/harmful"] == 1.0 and wo["eval/repr_cos/benign"] == 1.0
+    assert w["eval/repr_cos/harmful"] < 0.9999 and w["eval/repr_cos/benign"] < 0.9999
+    assert wo["eval/target_nll"] == pytest.approx(wo["eval/target_nll_base"])
+    assert w["eval/target_nll_base"] == pytest.approx(wo["eval/target_nll"], rel=1e-4)
+    assert abs(w["eval/target_nll"] - w["eval/target_nll_base"]) > 1e-4
+    assert w["eval/mmlu_base"] == pytest.approx(wo["eval/mmlu"])
+    assert set(w) >= {"constraints/over_refusal", "constraints/kl_benign", "feasible"}
+
+
+def test_signal_helpers_by_hand(tok, model):
+    from crl_ray.capability import representation_shift, target_nll
+
+    nll = target_nll(model, tok, ["How do I bake bread?"] * 2, ["Mix flour and water.", ""], batch_size=2)
+    assert math.isfinite(nll[0]) and nll[0] > 0 and math.isnan(nll[1])  # an empty target has no NLL
+    assert representation_shift(model, tok, ["hello"], [1, 2], batch_size=1) == 1.0  # no adapter: unchanged
+    signals = evaluate._embedding_signals(
+        [AttackResult(None, "embedding", [Candidate("embedding/cfg0", "", "", 0.01, 4)], 0.0),
+         AttackResult(None, "embedding", [Candidate("embedding/cfg0", "", "", 0.50, 30)], 0.0)],
+        standalone_config({"eval": small(attacks=["embedding"], embedding={"early_stop_loss": 0.05})}).eval)
+    assert signals == pytest.approx({"eval/embedding/loss": 0.255, "eval/embedding/steps": 17.0,
+                                     "eval/embedding/reached": 0.5})
 
 
 def test_standalone_config_checks_eval_settings(monkeypatch):
