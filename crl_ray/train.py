@@ -357,14 +357,32 @@ class Worker:
             log.info("resumed from %s at step %d", directory, self.step)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: ``config`` = {"cfg": dumped SweepConfig, "until_step", "data_dir", "local_dir", ...}."""
+def log_to_stderr() -> None:
+    """crl_ray's INFO messages to stderr in a Ray worker process (once; the package logger only: other libraries'
+    INFO output, e.g. dill traces, is noise). Not propagated to the root logger, so no line is printed twice."""
+    if not _in_ray_worker():  # the driver (or a test) configures its own logging
+        return
     package_log = logging.getLogger("crl_ray")
-    package_log.setLevel(logging.INFO)  # not the root logger: other libraries' INFO output (dill traces) is noise
+    package_log.setLevel(logging.INFO)
     if not package_log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         package_log.addHandler(handler)
+        package_log.propagate = False
+
+
+def _in_ray_worker() -> bool:
+    try:
+        from ray._private import worker
+
+        return worker.global_worker.mode == worker.WORKER_MODE
+    except (ImportError, AttributeError):  # pragma: no cover - another Ray layout: keep the old behaviour
+        return True
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``config`` = {"cfg": dumped SweepConfig, "until_step", "data_dir", "local_dir", ...}."""
+    log_to_stderr()
     if config.get("cache_dir"):
         os.environ["CRL_RAY_CACHE"] = config["cache_dir"]
     torch.set_num_threads(max(1, int(config.get("threads") or torch.get_num_threads())))

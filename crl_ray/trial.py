@@ -171,6 +171,9 @@ def evaluate_remote(job: TrialJob, cfg: SweepConfig, adapter_dir: Path | None, o
 
 
 def _evaluate(job: TrialJob, cfg: SweepConfig, adapter_dir: Path | None, out_dir: Path):
+    from crl_ray.train import log_to_stderr
+
+    log_to_stderr()  # the evaluation's progress (attack i/N, judge, timings) reaches the sweep's console
     return job.evaluate(cfg, adapter_dir, out_dir=out_dir)
 
 
