@@ -670,9 +670,16 @@ def read_yaml(path: str | Path) -> tuple[dict | None, list[Problem]]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> list[Problem]:
-    """Apply ``key.path=value`` overrides in place (values parsed as YAML); returns problems."""
+    """Apply ``key.path=value`` overrides in place (values parsed as YAML), in order; returns problems.
+
+    ``~key.path`` removes the key (its default applies again), e.g. ``~eval.embedding`` or ``~loss`` followed by
+    ``loss.kind=circuit_breakers`` (the Hydra convention).
+    """
     problems: list[Problem] = []
     for item in overrides:
+        if item.startswith("~"):
+            problems += _remove_key(data, item[1:], item)
+            continue
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             problems.append(Problem(f"override {item!r}", "expected key.path=value", has_value=False,
@@ -696,6 +703,24 @@ def apply_overrides(data: dict, overrides: list[str]) -> list[Problem]:
         else:
             node[parts[-1]] = value
     return problems
+
+
+def _remove_key(data: dict, key: str, item: str) -> list[Problem]:
+    parts = key.split(".")
+    if not key or "=" in key or any(not part for part in parts):
+        return [Problem(f"override {item!r}", "expected ~key.path (remove a key)", has_value=False,
+                        fix="write e.g. ~eval.embedding or ~loss")]
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            return [Problem(".".join(parts[: i + 1]), f"nothing to remove: {key} is not set", has_value=False,
+                            fix=f"remove the override {item!r}")]
+    if parts[-1] not in node:
+        return [Problem(key, "nothing to remove: the key is not set", has_value=False,
+                        fix=f"remove the override {item!r}")]
+    del node[parts[-1]]
+    return []
 
 
 def format_loc(loc: tuple) -> str:

@@ -72,6 +72,23 @@ def test_overrides_apply_and_are_validated(capsys) -> None:
     assert "train.stepz" in err and "did you mean 'steps'" in err and "nonsense" in err
 
 
+def test_tilde_override_removes_a_key_so_a_feature_can_be_switched_off(capsys) -> None:
+    """``eval.attacks=[direct,prefill]`` alone is refused (the file's eval.embedding settings would be ignored);
+    with ``~eval.embedding`` it runs. ``~loss`` then ``loss.kind=...`` swaps the loss kind of a CRL file."""
+    code, _, err = run_cli([str(SMOKE), "--dry-run", "eval.attacks=[direct,prefill]"], capsys)
+    assert code == 2 and "eval.embedding" in err
+    code, out, err = run_cli([str(SMOKE), "--dry-run", "eval.attacks=[direct,prefill]", "~eval.embedding"], capsys)
+    assert code == 0, err
+    assert "- direct\n  - prefill\n" in out
+    code, out, err = run_cli([str(SMOKE), "--dry-run", "~loss", "loss.kind=circuit_breakers",
+                              "~search.space", "search.algorithm=none", "search.num_trials=1"], capsys)
+    assert code == 0, err
+    assert "kind: circuit_breakers" in out
+    code, _, err = run_cli([str(SMOKE), "--dry-run", "~eval.nosuchkey", "~", "~train.steps.x"], capsys)
+    assert code == 2
+    assert "eval.nosuchkey: nothing to remove" in err and "expected ~key.path" in err and "train.steps" in err
+
+
 # Each mutation: (description, function changing the raw smoke mapping, key path the error must name)
 def _set(path: str, value):
     def mutate(d: dict) -> None:
