@@ -123,7 +123,8 @@ def evaluate_model(cfg: SweepConfig, model: Any, tokenizer: Any, *, out_dir: Pat
     complied, refused, not_carried_out, off_topic, degenerate), ``eval/judge/*`` (the judge's measured accuracy,
     error rates and ASR bias on human labels, beside every ASR), ``eval/mmlu`` and ``eval/mmlu_base`` (the base
     model on the same questions), ``eval/over_refusal``, ``eval/degeneracy`` and ``eval/off_topic_benign`` (shares
-    of the borderline benign prompts' answers refused / degenerate / off topic), ``eval/degeneracy_attacks``
+    of the borderline benign prompts' answers refused / degenerate / off topic; ``_base`` for the base model's
+    answers to the same prompts, generated once and cached), ``eval/degeneracy_attacks``
     (reported, not penalised), ``eval/kl_benign``, ``eval/ppl_benign`` (``_base`` for the base model), continuous
     robustness signals (``eval/target_nll`` and ``_base``: NLL of the behaviours' targets prefilled;
     ``eval/repr_cos/harmful`` and ``/benign``: cos(h, h0) at the loss's target layers on held-out prompts;
@@ -195,6 +196,10 @@ def evaluate_model(cfg: SweepConfig, model: Any, tokenizer: Any, *, out_dir: Pat
     refusals = over_refusal(model, tokenizer, benign, is_refusal=KeywordJudge().is_refusal,
                             max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
     benign_cats = [c for _, c in categorize(judge, benign, refusals.answers)]
+    base_cats = benign_cats
+    if _has_adapter(model):  # the base model's answers to the same prompts (cached: the same for every trial)
+        base_answers = _base_answers(cfg, model, tokenizer, benign)
+        base_cats = [c for _, c in categorize(judge, benign, base_answers)]
     seconds["over_refusal"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -229,7 +234,9 @@ def evaluate_model(cfg: SweepConfig, model: Any, tokenizer: Any, *, out_dir: Pat
         "eval/mmlu": mmlu.accuracy,
         "eval/mmlu_base": mmlu_base,
         "eval/over_refusal": benign_cats.count("refused") / len(benign_cats),
+        "eval/over_refusal_base": base_cats.count("refused") / len(base_cats),
         "eval/degeneracy": benign_cats.count("degenerate") / len(benign_cats),
+        "eval/degeneracy_base": base_cats.count("degenerate") / len(base_cats),
         "eval/off_topic_benign": benign_cats.count("off_topic") / len(benign_cats),
         "eval/kl_benign": drift.kl,
         "eval/ppl_benign": drift.ppl,
@@ -268,7 +275,8 @@ def evaluate_model(cfg: SweepConfig, model: Any, tokenizer: Any, *, out_dir: Pat
         "jailbroken": {name: sorted(ids) for name, ids in broken.items()},
         "mmlu": {**asdict(mmlu), "base_accuracy": mmlu_base},
         "over_refusal": {"rate": metrics["eval/over_refusal"], "prompts": len(benign),
-                         "categories": {c: benign_cats.count(c) / len(benign_cats) for c in CATEGORIES}},
+                         "categories": {c: benign_cats.count(c) / len(benign_cats) for c in CATEGORIES},
+                         "base_categories": {c: base_cats.count(c) / len(base_cats) for c in CATEGORIES}},
         "kl_benign": {"kl": drift.kl, "ppl": drift.ppl, "ppl_base": drift.ppl_reference, "tokens": drift.tokens,
                       "prompts": len(kl_prompts)},
         "signals": {k: metrics[k] for k in metrics if k.startswith(("eval/target_nll", "eval/repr_cos",
@@ -352,6 +360,20 @@ def categorize(judge: Any, behaviors: Sequence[str], generations: Sequence[str])
         else:
             out.append((False, "not_carried_out"))
     return out
+
+
+def _base_answers(cfg: SweepConfig, model: Any, tokenizer: Any, prompts: Sequence[str]) -> list[str]:
+    """The base model's greedy answers to ``prompts`` (adapter disabled), through the generation cache."""
+    from crl_ray.assets import cache_dir
+    from crl_ray.capability import reference_model
+    from crl_ray.config import GenerationConfig
+    from crl_ray.generate import cached_answers
+
+    ev = cfg.eval
+    gen = GenerationConfig(max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, temperature=0.0)
+    with reference_model(model) as base:
+        return cached_answers(prompts, model_id=cfg.model.name, revision=cfg.model.revision, cfg=gen, system=None,
+                              cache_dir=cache_dir() / "generations", load_model=lambda: (base, tokenizer))
 
 
 def _embedding_signals(results: Sequence[Any], ev: Any) -> dict[str, float]:

@@ -21,6 +21,7 @@ model pays for its ASR, so it outscores the untouched model while being of no us
 
 - ``over_refusal`` = ``eval/over_refusal`` - ``max_over_refusal``
 - ``benign_degeneracy`` = ``eval/degeneracy`` - ``max_benign_degeneracy``
+- ``degeneracy_increase`` = (``eval/degeneracy`` - ``eval/degeneracy_base``) - ``max_degeneracy_increase``
 - ``kl_benign`` = ``eval/kl_benign`` - ``max_kl_benign`` (nats per token)
 - ``mmlu_drop`` = (``eval/mmlu_base`` - ``eval/mmlu``) - ``max_mmlu_drop``
 
@@ -47,6 +48,7 @@ DIRECTIONS: dict[str, str] = {"asr": "min", "capability": "max"}
 CONSTRAINT_METRICS: dict[str, tuple[str, ...]] = {
     "over_refusal": ("eval/over_refusal",),
     "benign_degeneracy": ("eval/degeneracy",),
+    "degeneracy_increase": ("eval/degeneracy", "eval/degeneracy_base"),
     "kl_benign": ("eval/kl_benign",),
     "mmlu_drop": ("eval/mmlu_base", "eval/mmlu"),
 }
@@ -90,12 +92,15 @@ def vector_objective(metrics: Mapping[str, float], cfg: ObjectiveConfig) -> dict
 def _limits(cfg: ObjectiveConfig) -> dict[str, float | None]:
     c = cfg.constraints
     return {"over_refusal": c.max_over_refusal, "benign_degeneracy": c.max_benign_degeneracy,
-            "kl_benign": c.max_kl_benign, "mmlu_drop": c.max_mmlu_drop}
+            "degeneracy_increase": c.max_degeneracy_increase, "kl_benign": c.max_kl_benign,
+            "mmlu_drop": c.max_mmlu_drop}
 
 
 def _measured(name: str, metrics: Mapping[str, float]) -> float:
     if name == "mmlu_drop":
         return float(metrics["eval/mmlu_base"]) - float(metrics["eval/mmlu"])
+    if name == "degeneracy_increase":
+        return float(metrics["eval/degeneracy"]) - float(metrics["eval/degeneracy_base"])
     return float(metrics[CONSTRAINT_METRICS[name][0]])
 
 
