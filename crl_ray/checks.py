@@ -224,7 +224,9 @@ def eval_problems(ev: EvalConfig, obj: ObjectiveConfig, prefix: str = "") -> lis
     for section, used in (("embedding", "embedding"), ("gcg", "gcg")):
         if section in ev.model_fields_set and used not in ev.attacks:
             p.append(Problem(prefix + f"eval.{section}", f"settings for the {used} attack, which is not in "
-                             "eval.attacks", has_value=False, fix=f"add {used} to eval.attacks or remove them"))
+                             "eval.attacks", has_value=False,
+                             fix=f"add {used} to eval.attacks, or remove the section (on the command line: "
+                                 f"~eval.{section})"))
     mmlu = ev.mmlu
     if mmlu.backend == "lm_eval":
         if importlib.util.find_spec("lm_eval") is None:

@@ -473,13 +473,44 @@ def _write_summary(cfg: SweepConfig, base: dict, outcome: SweepOutcome, target) 
     tracking.log_metrics(target, target.parent_run_id, summary, 0, where="sweep summary")
 
 
+def results_table(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str:
+    """One line per trial: sampled values, ASR per attack, capability, over-refusal, degeneracy, objective,
+    feasibility and status; the best feasible trial marked with *."""
+    if not rows:
+        return ""
+    params = list(dict.fromkeys(k for r in rows for k in r.get("params", {})))
+    attacks = list(dict.fromkeys(k.split("/")[-1] for r in rows for k in r if k.startswith("eval/asr/")))
+    cols = ([(p.split(".")[-1], lambda r, p=p: r.get("params", {}).get(p)) for p in params]
+            + [(f"asr:{a}", lambda r, a=a: r.get(f"eval/asr/{a}")) for a in attacks]
+            + [("capab", lambda r: r.get("eval/capability")), ("refuse", lambda r: r.get("eval/over_refusal")),
+               ("degen", lambda r: r.get("eval/degeneracy")), ("objective", lambda r: r.get("objective")),
+               ("feasible", lambda r: {True: "yes", False: "NO"}.get(r.get("feasible"), "-")),
+               ("status", lambda r: r.get("status"))])
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return "-" if v is None else str(v)
+
+    table = [["", "trial"] + [name for name, _ in cols]]
+    for r in rows:
+        mark = "*" if best is not None and r["trial_id"] == best["trial_id"] else ""
+        table.append([mark, r["trial_id"]] + [cell(get(r)) for _, get in cols])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    return "\n".join(lines + (["* = best feasible trial"] if best is not None else []))
+
+
 def render_outcome(outcome: SweepOutcome, resume_command: str) -> str:
-    """The closing message: what ran, trials outside the limits, the best feasible trial (or that there is none),
-    where MLflow is and how to open it."""
+    """The closing message: what ran, the results table, trials outside the limits, the best feasible trial (or
+    that there is none), where MLflow is and how to open it."""
     lines = [f"sweep {outcome.name}: {len(outcome.rows)} trial(s) in {outcome.wall_s:.0f} s: "
              f"{outcome.count('completed')} completed, {outcome.count('stopped_early')} stopped early, "
              f"{outcome.count('failed')} failed"
              + (f", {outcome.count('interrupted')} interrupted" if outcome.interrupted else "")]
+    table = results_table(outcome.rows, outcome.best)
+    if table:
+        lines.append(table)
     if outcome.interrupted:
         lines.append(f"interrupted; the state is saved. Resume with:\n  {resume_command}")
     for r in outcome.rows:

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,9 @@ def ui_command(uri: str) -> str:
     """The command (or address) that shows the sweep's runs in the MLflow UI."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser (on a cluster: forward the port first, see docs/CLUSTER.md)"
-    return f"mlflow ui --backend-store-uri {uri}"
+    exe = Path(sys.executable).with_name("mlflow")  # the mlflow of this environment (e.g. .venv/bin/mlflow)
+    mlflow = str(exe) if exe.is_file() else "mlflow"
+    return f"{mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000"
 
 
 def git_commit() -> str:

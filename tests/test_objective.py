@@ -229,3 +229,17 @@ def test_pareto_front_and_best_so_far_use_feasible_trials_only(tmp_path) -> None
     for draw, name in ((plots.plot_pareto, "pareto.png"), (plots.plot_objective, "objective.png")):
         assert draw(rows, tmp_path / name).stat().st_size > 0
         assert draw(rows[:1], tmp_path / ("only-infeasible-" + name)).stat().st_size > 0
+
+
+def test_results_table_marks_the_best_feasible_trial(tmp_path) -> None:
+    rows = [_row("t0", COLLAPSED, NO_PENALTY), _row("t1", USEFUL, NO_PENALTY)]
+    for r in rows:
+        r["params"] = {"train.lr": 1e-4 if r["trial_id"] == "t0" else 3e-4}
+    outcome = _outcome(rows, tmp_path)
+    table = sweep.results_table(outcome.rows, outcome.best).splitlines()
+    assert table[0].split() == ["trial", "lr", "asr:max", "capab", "refuse", "degen", "objective", "feasible",
+                                "status"]
+    assert table[1].split()[:2] == ["t0", "0.0001"] and "NO" in table[1].split()
+    assert table[2].startswith("*") and table[2].split()[1:3] == ["t1", "0.0003"] and "yes" in table[2].split()
+    assert table[-1] == "* = best feasible trial"
+    assert "\n".join(table) in sweep.render_outcome(outcome, "resume")
