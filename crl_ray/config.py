@@ -295,8 +295,13 @@ class ResourcesConfig(Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
     max_concurrent_trials: int | Literal["auto"] = Field(
-        "auto", description="auto = as many as the cluster's CPUs/GPUs fit."
+        "auto", description="auto = as many as the cluster fits: on one machine its CPUs/GPUs; on a cluster what it "
+        "can grow to per cluster_config (the autoscaler only adds nodes for pending trials), else the nodes up now."
     )
+    cluster_config: str | None = Field(
+        "auto", description="The `ray up` cluster YAML whose node types and max_workers bound an autoscaling "
+        "cluster (sizes max_concurrent_trials: auto). auto = ~/ray_bootstrap_config.yaml, which `ray up` leaves on "
+        "the head; a path (e.g. cluster.yaml) also sizes the dry run; null = only the nodes up now.")
     ray_address: str | None = Field(None, description="None = RAY_ADDRESS or a new local Ray instance.")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts per trial (finite).")
 

@@ -29,7 +29,7 @@ import yaml
 
 from crl_ray.config import (CategoricalParam, FloatParam, IntParam, LayerWindowParam, ObjectiveConfig, SweepConfig,
                             dump_config)
-from crl_ray.errors import USAGE_EXIT_CODE, ConfigError, UserError
+from crl_ray.errors import USAGE_EXIT_CODE, ConfigError, Problem, UserError
 from crl_ray.objective import constraint_values, unchecked_constraints
 from crl_ray.search import segments, study_storage_url
 from crl_ray.tracking import tracking_uri, ui_command
@@ -53,7 +53,7 @@ class ResourcePlan:
     cluster: str  # "local (N CPUs, G GPUs)" or the address
     cluster_cpus: float | None  # None when only known at run time
     cluster_gpus: float | None
-    concurrency: int
+    concurrency: int | None  # None: a cluster's size is only known at run time
     warnings: tuple[str, ...]
 
 
@@ -68,26 +68,48 @@ def local_gpus() -> int:
         return 0
 
 
-def resource_plan(cfg: SweepConfig, capacity: tuple[float, float] | None = None) -> ResourcePlan:
+def resource_plan(cfg: SweepConfig, capacity=None) -> ResourcePlan:
     """How many trials run at once, and what each one asks Ray for.
 
-    ``capacity`` (CPUs, GPUs) is a running cluster's size, read once connected; without it a cluster's concurrency
-    is left to run time (shown as all trials).
+    ``capacity`` is a running cluster's size, read once connected: (CPUs, GPUs) or a list of cluster.Node. On a
+    cluster, ``max_concurrent_trials: auto`` is what the cluster can grow to (``resources.cluster_config``: the
+    autoscaling YAML; ``auto`` = the one ``ray up`` left on the head), or what is up now when no such config is
+    known; without either (a dry run against a cluster) it is decided at run time (``concurrency`` None).
     """
+    from crl_ray.cluster import ClusterConfigError, Node, read_shape, trials_fit
+
     res = cfg.resources
     workers = res.num_workers
     units = max(workers, 1)
     cpus = DRIVER_CPUS + units * res.cpus_per_worker
     gpus = units * res.gpus_per_worker if res.use_gpu else 0.0
+    gpw = res.gpus_per_worker if res.use_gpu else 0.0
     address = res.ray_address or os.environ.get("RAY_ADDRESS")
     warnings: list[str] = []
-    if address and capacity is not None:
-        ccpu, cgpu = capacity
-        cluster = f"existing Ray cluster at {address!r} ({ccpu:g} CPUs, {cgpu:g} GPUs now)"
-    elif address:
-        cluster, ccpu, cgpu = f"existing Ray cluster at {address!r} (capacity read at run time)", None, None
+    trials = cfg.search.num_trials
+
+    def fit(nodes) -> int:
+        return trials_fit(nodes, workers, res.cpus_per_worker, gpw, DRIVER_CPUS)
+
+    if capacity is not None and not all(isinstance(n, Node) for n in capacity):
+        capacity = [Node(float(capacity[0]), float(capacity[1]))]  # (CPUs, GPUs) totals
+    now_nodes = list(capacity) if capacity is not None else None
+    ccpu = sum(n.cpus for n in now_nodes) if now_nodes is not None else None
+    cgpu = sum(n.gpus for n in now_nodes) if now_nodes is not None else None
+    shape = None
+    if address:
+        try:
+            shape = read_shape(res.cluster_config, connected=True, cpus_per_worker=res.cpus_per_worker,
+                               gpus_per_worker=gpw)
+        except ClusterConfigError as exc:
+            raise ConfigError([Problem("resources.cluster_config", str(exc), res.cluster_config)], cfg.name) from exc
+        cluster = f"existing Ray cluster at {address!r}"
+        cluster += f" ({ccpu:g} CPUs, {cgpu:g} GPUs now)" if now_nodes is not None else ""
+        if shape is not None:
+            cluster += f"; autoscaling up to {shape.described} ({shape.source})"
     else:
         ccpu, cgpu = float(os.cpu_count() or 1), float(local_gpus())
+        now_nodes = [Node(ccpu, cgpu)]
         cluster = f"local Ray instance ({int(ccpu)} CPUs, {int(cgpu)} GPUs)"
         if cpus - DRIVER_CPUS > ccpu:
             warnings.append(f"one trial needs {cpus - DRIVER_CPUS:g} CPUs but this machine has {ccpu:g}: "
@@ -95,16 +117,22 @@ def resource_plan(cfg: SweepConfig, capacity: tuple[float, float] | None = None)
         if gpus > cgpu:
             warnings.append(f"one trial needs {gpus:g} GPUs but this machine has {cgpu:g}: run on a GPU cluster "
                             "(resources.ray_address: auto on its head node)")
-    trials = cfg.search.num_trials
+    concurrency: int | None
     if res.max_concurrent_trials != "auto":
         concurrency = min(trials, res.max_concurrent_trials)
-    elif ccpu is None:
-        concurrency = trials
     else:
-        fit = math.floor(ccpu / cpus) if cpus else trials
-        if gpus:
-            fit = min(fit, math.floor((cgpu or 0) / gpus))
-        concurrency = max(1, min(trials, fit))
+        upper = fit(shape.nodes) if shape is not None else None
+        now = fit(now_nodes) if now_nodes is not None else None
+        if upper == 0 and not now:
+            warnings.append(f"one trial needs {units} worker(s) x ({res.cpus_per_worker:g} CPU, {gpw:g} GPU) but "
+                            f"even the largest cluster {shape.source} allows ({shape.described}) cannot hold it: "
+                            "add or enlarge a node type, or lower resources.num_workers")
+        if upper is not None:
+            concurrency = max(upper, now or 0)
+        else:
+            concurrency = now
+        if concurrency is not None:
+            concurrency = max(1, min(trials, concurrency))
     return ResourcePlan(trials, workers, cpus, gpus, cluster, ccpu, cgpu, concurrency, tuple(warnings))
 
 
@@ -144,9 +172,12 @@ def render_plan(cfg: SweepConfig, info, plan: ResourcePlan) -> str:
     lines.append(f"#   workers per trial:   {plan.workers_per_trial} {mode}")
     lines.append(f"#   per trial:           {plan.cpus_per_trial:g} CPUs, {plan.gpus_per_trial:g} GPUs "
                  f"(driver {DRIVER_CPUS:g} CPU + workers)")
-    lines.append(f"#   concurrent trials:   {plan.concurrency}")
-    waves = math.ceil(plan.trials / plan.concurrency)
-    lines.append(f"#   waves:               {waves}")
+    if plan.concurrency is None:
+        lines.append("#   concurrent trials:   decided at run time from the nodes up then (no autoscaling config: "
+                     "set resources.cluster_config to your cluster YAML to size it by what the cluster can grow to)")
+    else:
+        lines.append(f"#   concurrent trials:   {plan.concurrency}")
+        lines.append(f"#   waves:               {math.ceil(plan.trials / plan.concurrency)}")
     lines.append(f"#   storage:             {cfg.storage.path}/{cfg.name}")
     folder = sweep_dir(cfg)
     uri = tracking_uri(cfg.mlflow.tracking_uri, folder)
@@ -272,8 +303,10 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
         address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
         capacity = None
         if address:
-            total = ray.cluster_resources()
-            capacity = (float(total.get("CPU", 0)), float(total.get("GPU", 0)))
+            from crl_ray.cluster import Node
+
+            capacity = [Node(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
+                        for n in ray.nodes() if n.get("Alive")]
         plan = resource_plan(cfg, capacity)
         from crl_ray.checks import margin_warnings
 

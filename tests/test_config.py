@@ -269,7 +269,8 @@ def test_resource_plan_concurrency() -> None:
     assert plan.concurrency == max(1, min(cfg.search.num_trials, int((os.cpu_count() or 1) // plan.cpus_per_trial)))
     cfg, _ = load_config(ROOT / "sweeps" / "margin.yaml")
     plan = sweep.resource_plan(cfg)
-    assert plan.gpus_per_trial == 4 and plan.cluster_cpus is None and plan.concurrency == cfg.search.num_trials
+    # a cluster whose size is only known at run time (no autoscaling YAML on this machine): decided then
+    assert plan.gpus_per_trial == 4 and plan.cluster_cpus is None and plan.concurrency is None
 
 
 def test_config_reference_doc_is_in_sync() -> None:

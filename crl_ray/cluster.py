@@ -1,0 +1,134 @@
+"""How many trials a cluster can run at once: the nodes up now, or what an autoscaling cluster can grow to.
+
+Tune only asks the autoscaler for more nodes when trials are pending, so ``max_concurrent_trials: auto`` must be
+sized from the cluster's upper bound (the autoscaling config's node types and ``max_workers``), not from the nodes
+that happen to be up when the sweep starts (on a cold cluster: the head alone, so one trial at a time and no
+scale-up). The upper bound comes from a cluster YAML (``resources.cluster_config``: a path, or ``auto`` = the
+config that ``ray up`` leaves on the head, ``~/ray_bootstrap_config.yaml``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # written by `ray up` on the head node
+
+
+@dataclass(frozen=True)
+class Node:
+    cpus: float
+    gpus: float
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """The largest cluster an autoscaling config allows: the head plus worker nodes up to the caps."""
+
+    source: str
+    nodes: tuple[Node, ...]
+    described: str  # e.g. "head 8 CPU + 4 x gpu_a10g_x4 (48 CPU, 4 GPU)"
+
+
+class ClusterConfigError(ValueError):
+    pass
+
+
+def _resources(spec: dict, name: str) -> Node:
+    res = spec.get("resources")
+    if not isinstance(res, dict):
+        raise ClusterConfigError(f"node type {name!r} has no `resources` mapping (e.g. resources: {{CPU: 48, GPU: 4}}); "
+                                 "the autoscaler needs it to know what a node offers")
+    try:
+        return Node(float(res.get("CPU", 0)), float(res.get("GPU", 0)))
+    except (TypeError, ValueError) as exc:
+        raise ClusterConfigError(f"node type {name!r}: resources must be numbers ({exc})") from exc
+
+
+def slots(node: Node, cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """Ray Train workers one node holds (each worker's CPUs and GPUs come from one node)."""
+    fit = math.floor(node.cpus / cpus_per_worker + 1e-9) if cpus_per_worker > 0 else 10**9
+    if gpus_per_worker > 0:
+        fit = min(fit, math.floor(node.gpus / gpus_per_worker + 1e-9))
+    return max(fit, 0)
+
+
+def shape_from_config(config: dict, source: str, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0
+                      ) -> ClusterShape:
+    """The largest cluster a ``ray up`` YAML allows: the head, then worker nodes up to each type's ``max_workers``
+    and the global ``max_workers``, the types that hold most workers first (the autoscaler launches the types the
+    pending trials fit; this is the upper bound)."""
+    types = config.get("available_node_types")
+    if not isinstance(types, dict) or not types:
+        raise ClusterConfigError(f"{source}: no `available_node_types` mapping; is this a `ray up` cluster YAML?")
+    head_type = config.get("head_node_type")
+    if head_type not in types:
+        raise ClusterConfigError(f"{source}: head_node_type {head_type!r} is not one of available_node_types "
+                                 f"({', '.join(types)})")
+    head = _resources(types[head_type], head_type)
+    workers = []
+    for name, spec in types.items():
+        if name == head_type:
+            continue
+        cap = int(spec.get("max_workers", 0) or 0)
+        if cap > 0:
+            workers.append((name, _resources(spec, name), cap))
+    budget = config.get("max_workers")
+    budget = sum(cap for _, _, cap in workers) if budget is None else int(budget)
+    workers.sort(key=lambda w: (slots(w[1], cpus_per_worker, gpus_per_worker), w[1].gpus, w[1].cpus), reverse=True)
+    nodes = [head]
+    parts = [f"head {head.cpus:g} CPU" + (f", {head.gpus:g} GPU" if head.gpus else "")]
+    for name, node, cap in workers:
+        take = min(cap, budget)
+        if take <= 0:
+            continue
+        budget -= take
+        nodes.extend([node] * take)
+        parts.append(f"{take} x {name} ({node.cpus:g} CPU" + (f", {node.gpus:g} GPU)" if node.gpus else ")"))
+    return ClusterShape(source, tuple(nodes), " + ".join(parts))
+
+
+def read_shape(setting: str | None, *, connected: bool, cpus_per_worker: float, gpus_per_worker: float
+               ) -> ClusterShape | None:
+    """``resources.cluster_config``: a path to a cluster YAML, ``auto`` (the head's bootstrap config when it exists
+    and the sweep runs on a cluster) or None."""
+    if setting is None:
+        return None
+    if setting == "auto":
+        if not connected:
+            return None
+        path = Path(os.path.expanduser(BOOTSTRAP_CONFIG))
+        if not path.is_file():
+            return None
+    else:
+        path = Path(os.path.expanduser(setting))
+        if not path.is_file():
+            raise ClusterConfigError(f"resources.cluster_config: {setting!r} is not a file; pass the cluster YAML "
+                                     "you gave `ray up` (e.g. cluster.yaml), auto, or null")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ClusterConfigError(f"resources.cluster_config: {path} is not valid YAML ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ClusterConfigError(f"resources.cluster_config: {path} does not hold a mapping")
+    return shape_from_config(config, str(path), cpus_per_worker, gpus_per_worker)
+
+
+def trials_fit(nodes, workers: int, cpus_per_worker: float, gpus_per_worker: float, driver_cpus: float) -> int:
+    """Trials that run at once on these nodes: every trial needs ``workers`` worker bundles (each on one node) and
+    a driver's sliver of CPU."""
+    nodes = list(nodes)
+    total_cpus = sum(n.cpus for n in nodes)
+    if workers == 0:  # in-process trial: the driver trains, with the workers' share of one node
+        per_trial = driver_cpus + cpus_per_worker
+        return int(math.floor(total_cpus / per_trial + 1e-9))
+    total_slots = sum(slots(n, cpus_per_worker, gpus_per_worker) for n in nodes)
+    fit = total_slots // workers
+    fit = min(fit, math.floor(total_cpus / (driver_cpus + workers * cpus_per_worker) + 1e-9))
+    if gpus_per_worker > 0:
+        fit = min(fit, math.floor(sum(n.gpus for n in nodes) / (workers * gpus_per_worker) + 1e-9))
+    return max(int(fit), 0)

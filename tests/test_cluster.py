@@ -1,0 +1,102 @@
+"""max_concurrent_trials: auto on a cluster = what the cluster can grow to (its autoscaling YAML), not what is up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from crl_ray import sweep
+from crl_ray.checks import load_config
+from crl_ray.cluster import ClusterConfigError, Node, shape_from_config, trials_fit
+from crl_ray.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+MARGIN = ROOT / "sweeps" / "margin.yaml"
+SMOKE = ROOT / "sweeps" / "smoke.yaml"
+CLUSTER = ROOT / "cluster.yaml"
+
+
+def margin(*overrides: str):
+    # margin.yaml: 24 trials x 4 workers x (4 CPU, 1 GPU); cluster.yaml: CPU head + up to 4 g5.12xlarge (48 CPU, 4 GPU)
+    cfg, _ = load_config(MARGIN, ["resources.ray_address=auto", *overrides])
+    return cfg
+
+
+def test_shipped_cluster_yaml_grows_to_the_head_and_four_gpu_nodes() -> None:
+    shape = shape_from_config(yaml.safe_load(CLUSTER.read_text()), "cluster.yaml", 4.0, 1.0)
+    assert shape.nodes == (Node(8, 0),) + (Node(48, 4),) * 4
+    assert shape.described == "head 8 CPU + 4 x gpu_a10g_x4 (48 CPU, 4 GPU)"
+
+
+def test_cold_cluster_runs_what_the_autoscaler_can_add_not_one_trial() -> None:
+    """The issue's case: a cold cluster (the CPU head only, or head + one GPU node) used to give 1."""
+    cold_head = [Node(8, 0)]
+    one_gpu_node = [Node(8, 0), Node(48, 4)]
+    cfg = margin(f"resources.cluster_config={CLUSTER}")
+    for now in (cold_head, one_gpu_node):
+        assert sweep.resource_plan(cfg, now).concurrency == 4  # one trial per 4-GPU node, 4 nodes at most
+    # without the autoscaling config only the nodes up now count (and the dry run says it is decided at run time)
+    plain = margin("resources.cluster_config=null")
+    assert sweep.resource_plan(plain, cold_head).concurrency == 1
+    assert sweep.resource_plan(plain, one_gpu_node).concurrency == 1
+    assert sweep.resource_plan(plain).concurrency is None
+
+
+def test_warm_cluster_larger_than_its_config_uses_the_nodes_up() -> None:
+    cfg = margin(f"resources.cluster_config={CLUSTER}")
+    warm = [Node(8, 0)] + [Node(48, 4)] * 6  # e.g. nodes added by hand beyond max_workers
+    assert sweep.resource_plan(cfg, warm).concurrency == 6
+    # a trial count below the cluster's room caps it
+    small = margin(f"resources.cluster_config={CLUSTER}", "search.num_trials=3")
+    assert sweep.resource_plan(small, warm).concurrency == 3
+
+
+def test_auto_reads_the_config_ray_up_leaves_on_the_head(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = margin()  # cluster_config: auto (the default)
+    assert sweep.resource_plan(cfg, [Node(8, 0)]).concurrency == 1  # no bootstrap config here: the nodes up now
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(CLUSTER.read_text())
+    plan = sweep.resource_plan(cfg, [Node(8, 0)])
+    assert plan.concurrency == 4 and "autoscaling up to head 8 CPU + 4 x gpu_a10g_x4" in plan.cluster
+
+
+def test_global_max_workers_caps_the_node_types_and_prefers_the_roomiest() -> None:
+    config = {"max_workers": 3, "head_node_type": "head",
+              "available_node_types": {"head": {"resources": {"CPU": 4}},
+                                       "small": {"max_workers": 10, "resources": {"CPU": 8, "GPU": 1}},
+                                       "big": {"max_workers": 2, "resources": {"CPU": 96, "GPU": 8}}}}
+    shape = shape_from_config(config, "x", 4.0, 1.0)
+    assert shape.nodes == (Node(4, 0), Node(96, 8), Node(96, 8), Node(8, 1))
+    # 4 workers x 1 GPU: 2 per big node, none from a 1-GPU node (a trial's 4 workers may span nodes: 4 + 4 + 1 slots)
+    assert trials_fit(shape.nodes, 4, 4.0, 1.0, 0.01) == 4
+    # CPU-only trials (1 worker x 2 CPUs): every node's CPUs count
+    assert trials_fit([Node(8, 0)], 1, 2.0, 0.0, 0.01) == 3  # 3.97 CPUs short of a 4th driver sliver + worker
+    assert trials_fit([Node(8, 0), Node(48, 0)], 1, 2.0, 0.0, 0.01) == 4 + 24 - 1
+
+
+def test_a_trial_that_never_fits_is_a_warning_and_bad_configs_name_the_key(tmp_path) -> None:
+    cfg = margin(f"resources.cluster_config={CLUSTER}", "resources.num_workers=40")
+    plan = sweep.resource_plan(cfg, [Node(8, 0)])
+    assert plan.concurrency == 1 and any("cannot hold it" in w for w in plan.warnings)
+    with pytest.raises(ConfigError, match="resources.cluster_config.*not a file"):
+        sweep.resource_plan(margin(f"resources.cluster_config={tmp_path / 'nope.yaml'}"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"head_node_type": "h", "available_node_types": {"x": {"resources": {"CPU": 1}}}}))
+    with pytest.raises(ConfigError, match="head_node_type 'h' is not one of"):
+        sweep.resource_plan(margin(f"resources.cluster_config={bad}"))
+    with pytest.raises(ClusterConfigError, match="no `resources` mapping"):
+        shape_from_config({"head_node_type": "h", "available_node_types": {"h": {}}}, "x")
+
+
+def test_dry_run_prints_the_concurrency_the_run_will_use(capsys) -> None:
+    from crl_ray.sweep import main
+
+    code = main([str(MARGIN), "--dry-run", "resources.ray_address=auto", f"resources.cluster_config={CLUSTER}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "#   concurrent trials:   4\n" in out and "#   waves:               6" in out
+    assert "autoscaling up to head 8 CPU + 4 x gpu_a10g_x4 (48 CPU, 4 GPU)" in out
+    code = main([str(MARGIN), "--dry-run", "resources.ray_address=auto", "resources.cluster_config=null"])
+    assert code == 0 and "decided at run time" in capsys.readouterr().out
