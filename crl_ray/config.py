@@ -229,6 +229,8 @@ class DataSource(Section):
 
     source: str = Field(description="Embedded name (see `python -m crl_ray.data sources`), file, or HF id.")
     subset: str | None = Field(None, description="HF dataset config name.")
+    revision: str | None = Field(None, description="HF dataset revision (branch, tag or commit) for hub ids; the "
+                                 "commit it resolved to is recorded in the run's data provenance.")
     split: str | None = Field(None, description="Split; defaults to the source's own default.")
     prompt_column: str | None = None
     response_column: str | None = None

@@ -263,7 +263,7 @@ def load_source(src: DataSource, path: str = "data", needs_answers: bool = False
             response_col = "response"
     else:
         try:
-            ds = datasets.load_dataset(src.source, src.subset, split=src.split or "train")
+            ds = datasets.load_dataset(src.source, src.subset, split=src.split or "train", revision=src.revision)
         except Exception as exc:  # the hub raises many types; the user needs the message
             raise UserError(f"{path}.source: cannot load Hugging Face dataset {src.source!r}: {exc}\n"
                             "    fix: check the id, subset and split, your network and HF_TOKEN") from None
@@ -366,6 +366,30 @@ def template_refusal(prompt: str, templates: list[str]) -> str:
     return templates[int.from_bytes(digest[:4], "big") % len(templates)]
 
 
+def source_identity(src: DataSource) -> dict[str, Any]:
+    """What pins a source's content: the sha256 of an embedded or local file; for a hub dataset the requested
+    revision and the commit it resolves to (None offline or unpinned: then the run is not reproducible)."""
+    import hashlib
+
+    kind = source_kind(src.source)
+    if kind in ("embedded", "file"):
+        file = embedded_file(src.source, src.split) if kind == "embedded" else Path(src.source).expanduser()
+        with open(file, "rb") as f:
+            identity: dict[str, Any] = {"sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        if kind == "embedded" and EMBEDDED_SOURCES[src.source].asset:
+            identity["asset"] = EMBEDDED_SOURCES[src.source].asset
+        return identity
+    commit = None
+    try:
+        from huggingface_hub import HfApi
+
+        commit = HfApi().dataset_info(src.source, revision=src.revision).sha
+    except Exception as exc:  # offline, gated or a local datasets script: say so in the record
+        log.warning("%s: could not resolve the hub revision (%s); the provenance records the requested one only",
+                    src.source, type(exc).__name__)
+    return {"revision": src.revision, "resolved_revision": commit}
+
+
 def answered_source(src: DataSource, path: str, cfg: "SweepConfig", *, held_out: set[str] | None,  # noqa: F821
                     load_generator: Callable[[], tuple[Any, Any]], cache_dir: Path) -> tuple[Any, dict]:
     """One source as (prompt, response) rows, answers generated or templated where asked, with provenance."""
@@ -375,7 +399,7 @@ def answered_source(src: DataSource, path: str, cfg: "SweepConfig", *, held_out:
     if held_out is not None:
         ds = drop_overlap(ds, held_out)
     record: dict[str, Any] = {"path": path, "source": src.source, "split": src.split, "rows": len(ds),
-                              "answer": src.answer}
+                              "answer": src.answer, **source_identity(src)}
     if src.answer != "column":
         prompts = list(ds["prompt"])
         if src.answer == "refusal_template":

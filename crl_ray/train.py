@@ -63,6 +63,7 @@ class TrainOutcome:
     checkpoint_dir: Path
     metrics: dict[str, float]
     step: int
+    data_provenance: Path | None = None  # provenance.json of the training data (sources, sha256 / revisions, rows)
 
 
 # ============================================================================================ data sampling
@@ -469,4 +470,4 @@ def run_training(cfg: SweepConfig, *, run_name: str, storage_path: str | Path, c
     metrics = {k: float(v) for k, v in (result.metrics or {}).items()
                if isinstance(v, (int, float)) and math.isfinite(float(v))}
     return TrainOutcome(adapter_dir=checkpoint_dir / ADAPTER_DIR, checkpoint_dir=checkpoint_dir, metrics=metrics,
-                        step=int(state["step"]))
+                        step=int(state["step"]), data_provenance=data_dir / "provenance.json")

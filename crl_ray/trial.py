@@ -202,6 +202,19 @@ def _report(metrics: dict[str, Any], step: int) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
+def log_data_provenance(target, run_id: str, path: Path) -> None:
+    """The training data's provenance as an artifact (data/provenance.json) and one param per source that pins its
+    content (data.<group>[i].sha256, or .revision / .resolved_revision for hub datasets)."""
+    records = json.loads(path.read_text())
+    params = {}
+    for record in records:
+        for key in ("sha256", "revision", "resolved_revision", "rows"):
+            if key in record:
+                params[f"{record['path'].replace('[', '.').replace(']', '')}.{key}"] = str(record[key])
+    tracking.log_params(target, run_id, params)
+    tracking.log_artifacts(target, run_id, [(path, "data")])
+
+
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Tune function trainable: train in segments, evaluate each, log to MLflow, report to Tune."""
     trial_id = tune.get_context().get_trial_id()
@@ -223,6 +236,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 continue
             outcome = ctx.job.train(cfg, run_name=f"train-{trial_id}", storage_path=Path(ctx.sweep_dir) / "train",
                                     callbacks=[StepMetricsCallback(target, run_id)], until_step=until)
+            if outcome.data_provenance is not None and outcome.data_provenance.is_file():
+                log_data_provenance(target, run_id, outcome.data_provenance)
             evaluation = evaluate_remote(ctx.job, cfg, outcome.adapter_dir, trial_dir / f"eval-step{until}")
             if not math.isfinite(evaluation.objective):
                 raise TrialFailed(f"objective is {evaluation.objective} after step {until} "

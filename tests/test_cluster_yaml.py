@@ -221,8 +221,10 @@ def test_cluster_basics():
 def test_setup_syncs_and_installs_project(name, config):
     assert config["file_mounts"].get("~/crl_ray") == "."
     setup = " \n".join(config["setup_commands"])
-    assert re.search(r"pip install -e ~/crl_ray\b", setup)
-    assert re.search(r'ray\[default\]==\d', setup), "pin Ray so it matches the local launcher"
+    # every node installs the project and Ray under the committed constraints (the same versions everywhere)
+    assert re.search(r"pip install -c ~/crl_ray/crl_ray/resources/constraints.txt -e ~/crl_ray\b", setup)
+    assert re.search(r'pip install -c ~/crl_ray/crl_ray/resources/constraints.txt "ray\[default\]==\d', setup), \
+        "pin Ray so it matches the local launcher"
     # the venv must be active in the shells that run ray/mlflow/pip
     assert any("crl_venv/bin/activate" in c and ".bashrc" in c for c in config["setup_commands"])
 
@@ -537,3 +539,30 @@ def _stop_sessions_mentioning(marker: str) -> None:
             if not sessions & {int(x) for x in alive}:
                 return
             time.sleep(0.5)
+
+
+def test_constraints_pin_every_dependency_within_pyproject_ranges_and_match_this_install():
+    """The lock file the nodes and CI install with: every dependency of pyproject.toml pinned, inside its range,
+    Ray pinned at cluster.yaml's version, and this very environment built from it (CI installs with -c too)."""
+    import importlib.metadata as md
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    root = Path(__file__).resolve().parents[1]
+    pins = {}
+    for line in (root / "crl_ray" / "resources" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"] + project["optional-dependencies"]["dev"]:
+        req = Requirement(spec)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not pinned in constraints.txt: regenerate it (see its header)"
+        assert req.specifier.contains(pins[name], prereleases=True), (spec, pins[name])
+        installed = md.version(req.name).split("+")[0]
+        assert installed == pins[name], f"{req.name}: installed {installed}, pinned {pins[name]}"
+    ray_pin = re.search(r'ray\[default\]==([\d.]+)', (root / "cluster.yaml").read_text()).group(1)
+    assert pins["ray"] == ray_pin

@@ -149,3 +149,36 @@ def test_every_embedded_source_is_listed_in_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "python -m crl_ray.data sources" in readme
     assert set(EMBEDDED_SOURCES) >= {"harmbench_val", "advbench", "benign_prompts", "mmlu"}
+
+
+def test_source_identity_pins_file_contents(tmp_path: Path) -> None:
+    import hashlib
+
+    from crl_ray.data import embedded_file, source_identity
+
+    local = tmp_path / "rows.jsonl"
+    local.write_text('{"prompt": "p", "response": "r"}\n')
+    assert source_identity(DataSource(source=str(local))) == {
+        "sha256": hashlib.sha256(local.read_bytes()).hexdigest()}
+    embedded = source_identity(DataSource(source="advbench"))
+    assert embedded["sha256"] == hashlib.sha256(embedded_file("advbench").read_bytes()).hexdigest()
+    assert embedded["asset"]
+
+
+def test_source_identity_of_a_hub_dataset_says_when_it_could_not_resolve(monkeypatch) -> None:
+    import huggingface_hub
+
+    from crl_ray.data import source_identity
+
+    class Info:
+        sha = "c0ffee"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, repo, revision=None: Info())
+    assert source_identity(DataSource(source="org/set", revision="v1")) == {"revision": "v1",
+                                                                            "resolved_revision": "c0ffee"}
+
+    def offline(self, repo, revision=None):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", offline)
+    assert source_identity(DataSource(source="org/set")) == {"revision": None, "resolved_revision": None}

@@ -122,3 +122,24 @@ def test_artifacts_and_generation_sample(target, tmp_path) -> None:
     assert [a.path for a in client.list_artifacts(run_id, "adapter")] == ["adapter/adapter_config.json"]
     assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/s.jsonl"]
     assert (tmp_path / "art").is_dir()  # artifacts stay inside the sweep folder, not ./mlruns
+
+
+def test_data_provenance_reaches_the_trial_run(target, tmp_path) -> None:
+    """Every source's content pin (sha256, or the hub revision and the commit it resolved to) is a param of the
+    trial's run, and the whole record an artifact."""
+    import json
+
+    from crl_ray.trial import log_data_provenance
+
+    record = tmp_path / "provenance.json"
+    record.write_text(json.dumps([
+        {"path": "data.harmful[0]", "source": "advbench", "rows": 128, "answer": "generate", "sha256": "ab" * 32},
+        {"path": "data.benign[1]", "source": "org/set", "rows": 9, "answer": "column", "revision": "v1",
+         "resolved_revision": "c0ffee"}]))
+    run_id = tracking.open_trial_run(target, "t-prov")
+    log_data_provenance(target, run_id, record)
+    client = MlflowClient(target.uri)
+    params = client.get_run(run_id).data.params
+    assert params["data.harmful.0.sha256"] == "ab" * 32 and params["data.harmful.0.rows"] == "128"
+    assert params["data.benign.1.revision"] == "v1" and params["data.benign.1.resolved_revision"] == "c0ffee"
+    assert [a.path for a in client.list_artifacts(run_id, "data")] == ["data/provenance.json"]
