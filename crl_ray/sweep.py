@@ -31,6 +31,7 @@ from crl_ray.config import (CategoricalParam, FloatParam, IntParam, LayerWindowP
                             dump_config)
 from crl_ray.errors import USAGE_EXIT_CODE, ConfigError, Problem, UserError
 from crl_ray.objective import constraint_values, unchecked_constraints
+from crl_ray.raylogs import RUNTIME_ENV
 from crl_ray.search import segments, study_storage_url
 from crl_ray.tracking import tracking_uri, ui_command
 
@@ -259,11 +260,12 @@ def start_ray(cfg: SweepConfig) -> bool:
         return False
     address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=RUNTIME_ENV)
         return True
     plan = resource_plan(cfg)
     num_cpus = max(int(plan.cluster_cpus or 1), math.ceil(plan.concurrency * plan.cpus_per_trial))
     ray.init(num_cpus=num_cpus, num_gpus=int(plan.cluster_gpus or 0), object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+             runtime_env=RUNTIME_ENV,
              include_dashboard=False, logging_level=logging.WARNING)
     return True
 

@@ -51,6 +51,7 @@ class TrainOutcome:
     checkpoint_dir: Path
     metrics: dict
     step: int
+    data_provenance: Path | None = None
 
 
 @dataclass
