@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -228,24 +229,50 @@ def config_differences(old: dict, new: dict) -> list[str]:
             if a.get(k) != b.get(k)]
 
 
-def check_storage(cfg: SweepConfig, folder: Path, resume: bool) -> None:
-    """Refuse to overwrite an existing sweep, to resume a missing one, or to resume with another config."""
+def check_storage(cfg: SweepConfig, folder: Path, resume: bool) -> str:
+    """What to do with the sweep's folder: "new", "resume" or "restart".
+
+    An existing sweep with the same config is resumed (with or without --resume: finished trials are kept); one
+    started with another config is refused (say name=<new name>). A sweep stopped before Tune saved any state
+    (Ctrl-C during start, MLflow unreachable) is started again in place ("restart"); --resume on nothing fails.
+    """
     from ray.tune import Tuner
 
     tune_dir = folder / "tune"
     saved = folder / CONFIG_FILE
+    restorable = tune_dir.is_dir() and Tuner.can_restore(str(tune_dir))
+    leftovers = [p for p in (tune_dir, saved, folder / "optuna.db") if p.exists()]
+    if saved.is_file():
+        diff = config_differences(yaml.safe_load(saved.read_text()), dump_config(cfg))
+        if diff:
+            raise UserError(f"sweep {cfg.name!r} in {folder} was started with another config: set name=<new name> "
+                            "to start a sweep with this one, use the same file and overrides to continue it, or "
+                            "delete that folder. Differences:\n  " + "\n  ".join(diff[:20]))
+    if restorable:
+        if not resume:
+            log.info("sweep %r already exists in %s: resuming it (finished trials are kept; name=<new name> starts "
+                     "another)", cfg.name, folder)
+        return "resume"
+    if leftovers:
+        study = folder / "optuna.db"
+        if study.exists() and _finished_study_trials(study, cfg.name):
+            raise UserError(f"sweep {cfg.name!r} in {folder} has finished Optuna trials but no Tune state to resume "
+                            "them from: set name=<new name> to start another sweep, or delete that folder")
+        log.info("sweep %r stopped before its first trial (no Tune state in %s): starting it again", cfg.name, folder)
+        return "restart"
     if resume:
-        if not (tune_dir.is_dir() and Tuner.can_restore(str(tune_dir))):
-            raise UserError(f"nothing to resume: no sweep state in {tune_dir}; run without --resume to start "
-                            f"sweep {cfg.name!r}")
-        if saved.is_file():
-            diff = config_differences(yaml.safe_load(saved.read_text()), dump_config(cfg))
-            if diff:
-                raise UserError(f"sweep {cfg.name!r} was started with another config; resume it with the same file "
-                                "and overrides. Differences:\n  " + "\n  ".join(diff[:20]))
-    elif tune_dir.exists() or saved.exists() or (folder / "optuna.db").exists():
-        raise UserError(f"sweep {cfg.name!r} already exists in {folder}: add --resume to continue it, set "
-                        "name=<new name> to start another, or delete that folder to start over")
+        raise UserError(f"nothing to resume: no sweep {cfg.name!r} in {folder}; run without --resume to start it")
+    return "new"
+
+
+def _finished_study_trials(path: Path, study_name: str) -> int:
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=study_storage_url(path.parent))
+    except KeyError:  # no such study in the file
+        return 0
+    return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
 
 
 def start_ray(cfg: SweepConfig) -> bool:
@@ -289,7 +316,11 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
     if problems:
         raise ConfigError(problems, cfg.name)
     folder = sweep_dir(cfg)
-    check_storage(cfg, folder, resume)
+    mode = check_storage(cfg, folder, resume)
+    resume = mode == "resume"
+    if mode == "restart":  # nothing had started: clear what the aborted start left (its MLflow run is reopened)
+        shutil.rmtree(folder / "tune", ignore_errors=True)
+        (folder / "optuna.db").unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     if not resume:
         (folder / CONFIG_FILE).write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False, width=110))
@@ -316,7 +347,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
             log.warning(warning)
         if job is None:  # the real evaluation judges; a replacement job (tests) brings its own metrics
             prepare_judge(cfg)
-        target = tracking.open_sweep_run(uri, experiment, cfg.name, resume=resume, commit=tracking.git_commit(),
+        target = tracking.open_sweep_run(uri, experiment, cfg.name, resume=mode != "new", commit=tracking.git_commit(),
                                          artifact_dir=folder / "mlartifacts")
         base = dump_config(cfg)
         if not resume:
@@ -587,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and print the resolved config, search space and resource plan; "
                         "start nothing, write nothing")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name "
+                        "(a plain run of an existing sweep with the same config resumes it too)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 

@@ -281,3 +281,45 @@ def test_config_reference_doc_is_in_sync() -> None:
     # every section and key of the schema appears
     for key in ("margin_benign", "target_layers", "init_iterations", "max_concurrent_trials", "layer_window"):
         assert f"`{key}`" in doc or key in doc
+
+
+def test_storage_modes_new_resume_restart_and_refusals(tmp_path, monkeypatch) -> None:
+    """A second run of the same sweep resumes it; a sweep stopped before Tune saved state starts again; another
+    config under the same name, or --resume on nothing, is refused with the fix."""
+    from ray.tune import Tuner
+
+    from crl_ray.errors import UserError
+
+    cfg, _ = load_config(SMOKE, [f"storage.path={tmp_path}"])
+    folder = sweep.sweep_dir(cfg)
+    assert sweep.check_storage(cfg, folder, resume=False) == "new"
+    with pytest.raises(UserError, match="nothing to resume.*run without --resume"):
+        sweep.check_storage(cfg, folder, resume=True)
+    folder.mkdir(parents=True)
+    (folder / sweep.CONFIG_FILE).write_text(yaml.safe_dump(sweep.dump_config(cfg), sort_keys=False))
+    # stopped before Tune created its state: both a plain run and --resume start it again
+    assert sweep.check_storage(cfg, folder, resume=False) == "restart"
+    assert sweep.check_storage(cfg, folder, resume=True) == "restart"
+    # with Tune state: both resume
+    (folder / "tune").mkdir()
+    monkeypatch.setattr(Tuner, "can_restore", staticmethod(lambda path: True))
+    assert sweep.check_storage(cfg, folder, resume=False) == "resume"
+    assert sweep.check_storage(cfg, folder, resume=True) == "resume"
+    other, _ = load_config(SMOKE, [f"storage.path={tmp_path}", "train.steps=7"])
+    with pytest.raises(UserError, match=r"another config: set name=<new name>(.|\n)*train.steps"):
+        sweep.check_storage(other, folder, resume=False)
+
+
+def test_restart_refuses_when_optuna_holds_finished_trials_without_tune_state(tmp_path) -> None:
+    import optuna
+
+    from crl_ray.errors import UserError
+
+    cfg, _ = load_config(SMOKE, [f"storage.path={tmp_path}"])
+    folder = sweep.sweep_dir(cfg)
+    folder.mkdir(parents=True)
+    study = optuna.create_study(study_name=cfg.name, storage=sweep.study_storage_url(folder))
+    assert sweep.check_storage(cfg, folder, resume=False) == "restart"  # an empty study is nothing lost
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
+    with pytest.raises(UserError, match="finished Optuna trials but no Tune state"):
+        sweep.check_storage(cfg, folder, resume=False)
