@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from crl_ray.config import DataSource
 from crl_ray.errors import Problem, UserError
@@ -159,7 +159,7 @@ def check_source(src: DataSource, path: str, needs_answers: bool = True) -> list
         has_answers = has_answers or "response" in columns
     if columns is not None:
         prompt_col = src.prompt_column or (EMBEDDED_SOURCES[src.source].prompt_column
-                                           if kind == "embedded" else "prompt")
+                                           if kind == "embedded" else _prompt_column(columns))
         wanted = {"prompt_column": prompt_col, "response_column": src.response_column}
         for key, col in wanted.items():  # a dotted column (messages.1.content) is checked by its first part
             if col is not None and col.split(".")[0] not in columns:
@@ -235,6 +235,14 @@ def _read_rows(file: Path, reader: str) -> list[dict[str, Any]]:
     raise ValueError(f"no reader for {file}")
 
 
+PROMPT_COLUMNS = ("prompt", "Behavior", "behavior", "goal")  # crl_ray's own, HarmBench's CSVs, AdvBench's CSV
+
+
+def _prompt_column(columns: Sequence[str]) -> str:
+    """The prompt column of a file or hub dataset when prompt_column is not set: the first known name present."""
+    return next((c for c in PROMPT_COLUMNS if c in columns), "prompt")
+
+
 def load_source(src: DataSource, path: str = "data", needs_answers: bool = False) -> "datasets.Dataset":  # noqa: F821
     """Load a source as a Dataset with a ``prompt`` column (and ``response`` where it has answers)."""
     import datasets
@@ -258,7 +266,7 @@ def load_source(src: DataSource, path: str = "data", needs_answers: bool = False
     elif kind == "file":
         fmt = FILE_FORMATS[Path(src.source).suffix.lower()]
         ds = datasets.load_dataset(fmt, data_files=str(Path(src.source).expanduser()), split="train")
-        prompt_col = prompt_col or "prompt"
+        prompt_col = prompt_col or _prompt_column(ds.column_names)
         if response_col is None and "response" in ds.column_names:
             response_col = "response"
     else:
@@ -267,7 +275,7 @@ def load_source(src: DataSource, path: str = "data", needs_answers: bool = False
         except Exception as exc:  # the hub raises many types; the user needs the message
             raise UserError(f"{path}.source: cannot load Hugging Face dataset {src.source!r}: {exc}\n"
                             "    fix: check the id, subset and split, your network and HF_TOKEN") from None
-        prompt_col = prompt_col or "prompt"
+        prompt_col = prompt_col or _prompt_column(ds.column_names)
     for key, col in (("prompt_column", prompt_col), ("response_column", response_col)):
         if col is not None and col not in ds.column_names and col.split(".")[0] in ds.column_names:
             ds = _flatten_column(ds, col)

@@ -596,6 +596,21 @@ def check_disjoint(behaviors: Sequence[Any], train_cfg: SweepConfig, source: str
                         "sweep did not train on (e.g. harmbench_test), or train with eval.behaviors set to them")
 
 
+def default_out_dir(root: Path, model: str, adapter: Path | None) -> Path:
+    """<root>/<model>[__<adapter's run>_<checkpoint>], never an existing evaluation: -2, -3, ... are appended, so
+    evaluating adapters of several runs (all folders named "adapter") or one adapter twice keeps every result."""
+    name = model
+    if adapter is not None:
+        parts = Path(adapter).expanduser().resolve().parts
+        name += "__" + "_".join(p for p in parts[-3:] if p != "adapter")
+    base = root / _slug(name)
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
 
@@ -682,7 +697,11 @@ def _judge_check_main(argv: Sequence[str]) -> int:
                         "    fix: remove --judge-model, or add --judge probe or --judge classifier")
     else:
         judge = get_judge(args.judge)
-    report = {"judge": judge.describe(), "summary": None, **judge_check(judge)}
+    try:
+        report = {"judge": judge.describe(), "summary": None, **judge_check(judge)}
+    except UserError as exc:  # the judge names its config key; here the user typed the flag
+        raise UserError(str(exc).replace("set eval.judge_model to", "pass --judge-model").replace(
+            "eval.judge_model", "--judge-model")) from None
     report["summary"] = check_summary(report)
     text = json.dumps(report, indent=2, default=float)
     if args.out:
@@ -707,8 +726,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    limit=cfg.eval.limit)
         if train_cfg is not None:
             check_disjoint(behaviors, train_cfg, args.config)
-        out = args.out or Path(cfg.storage.path) / "eval" / _slug(
-            cfg.model.name + (f"__{args.adapter.name}" if args.adapter else ""))
+        out = args.out or default_out_dir(Path(cfg.storage.path).expanduser() / "eval", cfg.model.name, args.adapter)
+        log.info("writing the evaluation to %s", out)
         outcome = evaluate_adapter(cfg, args.adapter, out_dir=out, seed=args.seed, progress=True)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

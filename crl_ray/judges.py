@@ -194,7 +194,7 @@ class ClassifierJudge(Judge):
             logger.info("loading classifier judge %s (%s)", self.model_name, self.dtype)
             try:
                 self._model, self._tokenizer = load_model_and_tokenizer(self.model_name, dtype=self.dtype)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # missing files; a folder without a usable tokenizer
                 raise UserError(f"eval.judge_model: cannot load {self.model_name!r}: {str(exc).splitlines()[0]}\n"
                                 "    fix: give a local folder, or an HF id reachable from here") from None
             if self.device is not None:
