@@ -86,6 +86,10 @@ def _escape(value: str) -> str:
     return value.replace("'", "\\'")
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def open_sweep_run(uri: str, experiment: str, sweep: str, *, resume: bool, commit: str,
                    artifact_dir: Path | None = None) -> TrackingTarget:
     """Create the sweep's parent run, or on resume reopen the newest one tagged with this sweep name."""
@@ -98,6 +102,9 @@ def open_sweep_run(uri: str, experiment: str, sweep: str, *, resume: bool, commi
         experiment_id = client.create_experiment(experiment, artifact_location=location)
     else:
         experiment_id = exp.experiment_id
+    if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:
+        # MLflow 3's UI opens a GenAI experiment on its traces ("Traces 0"); a model-training one on its runs
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     run_id = None
     if resume:
         found = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{_escape(sweep)}' and "
@@ -251,3 +258,21 @@ def trial_error(trial) -> str:
         if lines:
             return lines[-1].strip()
     return "the trial failed (no error file)"
+
+
+def log_datasets(target: TrackingTarget, run_id: str, datasets: dict[str, Any], context: str,
+                 source: str) -> None:
+    """Record Hugging Face datasets as the run's MLflow inputs (the UI's Dataset column; name, digest, schema,
+    row count), tagged with their context ("training" or "evaluation")."""
+    from mlflow.data.huggingface_dataset import from_huggingface
+    from mlflow.entities import DatasetInput, InputTag
+
+    import warnings
+
+    inputs = []
+    for name, ds in datasets.items():
+        with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a local folder either way
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = from_huggingface(ds, name=name, source=source)
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    target.client().log_inputs(run_id, datasets=inputs)

@@ -215,6 +215,26 @@ def log_data_provenance(target, run_id: str, path: Path) -> None:
     tracking.log_artifacts(target, run_id, [(path, "data")])
 
 
+def log_trial_datasets(target, run_id: str, cfg: SweepConfig, data_dir: Path) -> None:
+    """The encoded training sets (benign, harmful, retain) and the evaluation behaviours as MLflow dataset inputs.
+    Best effort: a dataset that cannot be read is a warning, never a failed trial."""
+    import datasets
+
+    from crl_ray.attacks import load_behaviors
+
+    try:
+        train_sets = {name: datasets.load_from_disk(str(data_dir / name)) for name in ("benign", "harmful", "retain")
+                      if (data_dir / name).is_dir()}
+        tracking.log_datasets(target, run_id, train_sets, "training", str(data_dir))
+        behaviors = load_behaviors(cfg.eval.behaviors, limit=cfg.eval.limit)
+        eval_set = datasets.Dataset.from_dict({"id": [b.id for b in behaviors], "prompt": [b.prompt for b in behaviors],
+                                               "target": [b.target for b in behaviors]})
+        tracking.log_datasets(target, run_id, {f"behaviors-{cfg.eval.behaviors.source}": eval_set}, "evaluation",
+                              cfg.eval.behaviors.source)
+    except Exception as exc:  # bookkeeping only
+        log.warning("could not record the datasets of run %s in MLflow: %s", run_id, exc)
+
+
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Tune function trainable: train in segments, evaluate each, log to MLflow, report to Tune."""
     trial_id = tune.get_context().get_trial_id()
@@ -238,6 +258,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                                     callbacks=[StepMetricsCallback(target, run_id)], until_step=until)
             if outcome.data_provenance is not None and outcome.data_provenance.is_file():
                 log_data_provenance(target, run_id, outcome.data_provenance)
+                if until == next(iter(segments(cfg))):
+                    log_trial_datasets(target, run_id, cfg, outcome.data_provenance.parent)
             evaluation = evaluate_remote(ctx.job, cfg, outcome.adapter_dir, trial_dir / f"eval-step{until}")
             if not math.isfinite(evaluation.objective):
                 raise TrialFailed(f"objective is {evaluation.objective} after step {until} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -143,3 +144,29 @@ def test_data_provenance_reaches_the_trial_run(target, tmp_path) -> None:
     assert params["data.harmful.0.sha256"] == "ab" * 32 and params["data.harmful.0.rows"] == "128"
     assert params["data.benign.1.revision"] == "v1" and params["data.benign.1.resolved_revision"] == "c0ffee"
     assert [a.path for a in client.list_artifacts(run_id, "data")] == ["data/provenance.json"]
+
+
+def test_experiment_opens_on_its_runs_not_on_traces(target) -> None:
+    """MLflow 3's UI shows a GenAI trace overview unless the experiment says it is model development."""
+    exp = MlflowClient(target.uri).get_experiment(target.experiment_id)
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_training_and_evaluation_data_are_mlflow_dataset_inputs(target, tmp_path) -> None:
+    import datasets
+
+    from crl_ray.checks import load_config
+    from crl_ray.trial import log_trial_datasets
+
+    root = Path(__file__).resolve().parents[1]
+    cfg, _ = load_config(root / "sweeps" / "smoke.yaml")
+    for name, rows in (("benign", 3), ("harmful", 2), ("retain", 4)):
+        datasets.Dataset.from_dict({"input_ids": [[1, 2]] * rows}).save_to_disk(str(tmp_path / name))
+    run_id = tracking.open_trial_run(target, "t-data")
+    log_trial_datasets(target, run_id, cfg, tmp_path)
+    inputs = MlflowClient(target.uri).get_run(run_id).inputs.dataset_inputs
+    got = {(i.dataset.name, [t.value for t in i.tags if t.key == "mlflow.data.context"][0]) for i in inputs}
+    assert got == {("benign", "training"), ("harmful", "training"), ("retain", "training"),
+                   (f"behaviors-{cfg.eval.behaviors.source}", "evaluation")}
+    rows = {i.dataset.name: json.loads(i.dataset.profile)["num_rows"] for i in inputs}
+    assert rows["harmful"] == 2 and rows["retain"] == 4
