@@ -41,8 +41,8 @@ class ClusterConfigError(ValueError):
 def _resources(spec: dict, name: str) -> Node:
     res = spec.get("resources")
     if not isinstance(res, dict):
-        raise ClusterConfigError(f"node type {name!r} has no `resources` mapping (e.g. resources: {{CPU: 48, GPU: 4}}); "
-                                 "the autoscaler needs it to know what a node offers")
+        raise ClusterConfigError(f"node type {name!r} has no `resources` mapping (e.g. resources: {{CPU: 48, GPU: "
+                                 "4}); the autoscaler needs it to know what a node offers")
     try:
         return Node(float(res.get("CPU", 0)), float(res.get("GPU", 0)))
     except (TypeError, ValueError) as exc:

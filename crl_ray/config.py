@@ -2,7 +2,7 @@
 
 Every section of a sweep file is a pydantic model with ``extra="forbid"``, so a typo at any level is an error.
 Defaults come from the paper (Simko et al., EMNLP 2025, appendix) unless a comment names another source;
-``shared/docs/METHOD.md`` gives both the paper's and the released script's value where they differ.
+``docs/METHOD.md`` gives both the paper's and the released script's value where they differ.
 
 Loading (``load_config``) reads YAML, applies ``key.path=value`` overrides, validates the schema, then runs the
 semantic checks that need outside facts (model depth from the model config, data sources, the search space).
@@ -160,7 +160,7 @@ class RepBendConfig(Section):
 
 
 class LossConfig(Section):
-    """CRL loss L = alpha*L_b + beta*L_h + gamma*L_KL (METHOD.md); other kinds are the baselines."""
+    """CRL loss L = alpha*L_b + beta*L_h + gamma*L_KL (docs/METHOD.md); other kinds are the baselines."""
 
     kind: LossKind = "crl"
     alpha: float = Field(0.5, ge=0, description="Weight of the benign triplet term (paper 0.5).")
@@ -189,7 +189,7 @@ class LossConfig(Section):
 
 # --------------------------------------------------------------------------------------------- mining
 class MiningConfig(Section):
-    """Adversarial hard-negative mining (the "Adv" variant, METHOD.md)."""
+    """Adversarial hard-negative mining (the "Adv" variant, docs/METHOD.md)."""
 
     enabled: bool = False
     kind: Literal["latent", "embedding"] = Field(

@@ -432,7 +432,7 @@ def held_out_prompts(cfg: "SweepConfig") -> set[str]:  # noqa: F821
 
 def build_crl_data(cfg: "SweepConfig", tokenizer: Any, *,  # noqa: F821
                    load_generator: Callable[[], tuple[Any, Any]], cache_dir: Path) -> CRLData:
-    """The benign, harmful and retain sets of METHOD.md, encoded for the model's chat template.
+    """The benign, harmful and retain sets of docs/METHOD.md, encoded for the model's chat template.
 
     Benign and harmful prompts that are also evaluation behaviours are dropped (train/eval disjointness).
     ``load_generator() -> (model, tokenizer)`` is called only if some answers are not cached yet.

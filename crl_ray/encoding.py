@@ -1,4 +1,4 @@
-"""Chat-templated (request, response) pairs as fixed-length token tensors, and the position masks of METHOD.md.
+"""Chat-templated (request, response) pairs as fixed-length token tensors, and the position masks of docs/METHOD.md.
 
 One example is ``T = max_request_tokens + max_response_tokens`` tokens (paper: 512 + 512)::
 
@@ -210,7 +210,7 @@ def encode_dataset(
 
 
 def position_mask(batch: Mapping[str, Tensor], mode: MaskMode, first_k: int = 20) -> Tensor:
-    """The [B, T] float mask of the token positions a loss term uses (METHOD.md, "Notation: masks").
+    """The [B, T] float mask of the token positions a loss term uses (docs/METHOD.md, "Symbols").
 
     - ``response_all``: every response token (default).
     - ``request_last``: the last request token of each row (the assistant header's end).

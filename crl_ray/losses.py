@@ -1,7 +1,7 @@
 """CRL loss terms as pure torch functions (no Ray, no MLflow).
 
 Source: Simko et al., "Improving Large Language Model Safety with Contrastive Representation Learning"
-(EMNLP 2025), restated in shared/docs/METHOD.md. Hidden states are indexed like HF ``hidden_states``
+(EMNLP 2025), restated in docs/METHOD.md. Hidden states are indexed like HF ``hidden_states``
 (0 = embeddings, i = output of block i-1); ``*_lora`` come from the model with the adapter active,
 ``*_orig`` from the original model (adapter disabled, no gradient).
 """
@@ -69,7 +69,7 @@ def triplet_terms(
     benign_count: Tensor | float | None = None,
     harmful_count: Tensor | float | None = None,
 ):
-    """(L_b, L_h) of METHOD.md.
+    """(L_b, L_h) of docs/METHOD.md.
 
     L_b = sum_{l in L_b, i, t} M_b ReLU(d_bp(h_l, h0_l) - d_bn(h_l, c_l) + m_b) / (|L_b| sum M_b)
     L_h = sum_{l in S, i, t}   M_h ReLU(d_hp(h_l, c_l) - d_hn(h_l, h0_l) + m_h) / (|S| sum M_h)
@@ -164,7 +164,7 @@ def circuit_breaker_terms(retain_lora: Sequence[Tensor], retain_orig: Sequence[T
                           retain_layers: Sequence[int], cb_layers: Sequence[int],
                           retain_count: Tensor | float | None = None,
                           harmful_count: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
-    """(L_retain, L_cb) of circuit breakers / representation rerouting (Zou et al. 2024; METHOD.md "Baselines").
+    """(L_retain, L_cb) of circuit breakers / representation rerouting (Zou et al. 2024; docs/METHOD.md "Baselines").
 
     L_retain = mean over ``retain_layers`` and masked retain tokens of ||h_l - h0_l||_2
     L_cb     = sum_{l in cb_layers, i, t} M ReLU(cos(h_l, h0_l)) / (|cb_layers| sum M)

@@ -1,4 +1,4 @@
-"""Adversarial hard-negative mining (the "Adv" variant of CRL; METHOD.md), pure torch.
+"""Adversarial hard-negative mining (the "Adv" variant of CRL; docs/METHOD.md), pure torch.
 
 Two kinds of attack, both trained to make the *current* LoRA model comply with harmful requests (cross-entropy of
 the harmful completions), and both applied to the harmful rows of the LoRA pass only when the gate allows:

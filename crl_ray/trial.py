@@ -5,7 +5,8 @@ then trains in segments: ``run_training(until_step=b)`` for each evaluation boun
 adapter (a Ray task with one worker's resources, started after training released its workers), logs to MLflow
 and only then calls ``tune.report``. ``tune.report`` blocks until Tune has decided on the result (synchronous
 reporting), so a scheduler can stop a trial only at that point, when no Train controller and no placement group
-of the trial exist: early stopping cannot leak resources (the hazard in ENVIRONMENT.md).
+of the trial exist: early stopping cannot leak resources (a trial stopped while its worker group still held
+CPUs used to starve the next trial's workers on a 2-core machine).
 A small Tune checkpoint ({"step": b}) after each segment lets a restarted or resumed trial skip finished segments;
 Ray Train resumes the run itself from its own checkpoint (same run name and storage).
 """

@@ -39,7 +39,7 @@ def auto_blocks(cfg, n: int) -> list[int]:
     ({"target_layers": [1, 2]}, 4, [0, 1, 2]),  # benign all (index 4) does not widen it
     ({"target_layers": [1, 2], "benign_layers": [0, 4]}, 4, [0, 1, 2]),
     ({"target_layers": [4]}, 4, [0, 1, 2, 3]),  # max(S) = N (after the final norm): clipped to block N-1
-    ({"kind": "circuit_breakers"}, 32, list(range(21))),  # layers 10, 20 -> 0..20 (METHOD.md)
+    ({"kind": "circuit_breakers"}, 32, list(range(21))),  # layers 10, 20 -> 0..20 (docs/METHOD.md)
     ({"kind": "circuit_breakers", "circuit_breakers": {"layers": [1, 2]}}, 4, [0, 1, 2]),
     ({"kind": "repbend", "repbend": {"unsafe_layers": [2]}}, 4, [0, 1, 2]),
 ])

@@ -1,4 +1,4 @@
-"""crl_ray.encoding: fixed-length request/response encoding and the position masks of METHOD.md."""
+"""crl_ray.encoding: fixed-length request/response encoding and the position masks of docs/METHOD.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CRL triplet terms against hand-computed values and a naive per-token reference of METHOD.md."""
+"""CRL triplet terms against hand-computed values and a naive per-token reference of docs/METHOD.md."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def naive_distance(name: str, x: list[float], y: list[float]) -> float:
 
 
 def naive_terms(bl, bo, bm, hl, ho, hm, layers_b, layers_h, m_b, m_h, dbp, dbn, dhp, dhn):
-    """A literal, loop-by-loop reading of METHOD.md's formulas, in float64 Python."""
+    """A literal, loop-by-loop reading of docs/METHOD.md's formulas, in float64 Python."""
     def centroid(layer):
         num, den = None, 0.0
         for i in range(hl[layer].shape[0]):
