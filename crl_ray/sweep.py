@@ -215,6 +215,7 @@ class SweepOutcome:
     best: dict[str, Any] | None = None
     interrupted: bool = False
     wall_s: float = 0.0
+    experiment_id: str = ""
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.rows if r["status"] == status)
@@ -374,7 +375,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
                  plan.concurrency, folder)
         grid = tuner.fit()
         interrupted = len(grid) < cfg.search.num_trials or grid.num_terminated + grid.num_errors < len(grid)
-        outcome = SweepOutcome(cfg.name, folder, uri, experiment, target.parent_run_id, interrupted=interrupted)
+        outcome = SweepOutcome(cfg.name, folder, uri, experiment, target.parent_run_id, interrupted=interrupted,
+                               experiment_id=target.experiment_id)
         outcome.rows = result_rows(grid, target, interrupted, cfg.objective)
         if not interrupted:
             search.close_orphan_trials(cfg, folder)
@@ -602,7 +604,7 @@ def render_outcome(outcome: SweepOutcome, resume_command: str) -> str:
                      f"no best config (see {outcome.folder / 'summary' / 'no_feasible_trial.txt'})")
     lines.append(f"MLflow: experiment {outcome.experiment!r}, sweep run {outcome.parent_run_id} at "
                  f"{outcome.tracking_uri}")
-    lines.append(f"  open it: {ui_command(outcome.tracking_uri)}")
+    lines.append(f"  open it: {ui_command(outcome.tracking_uri, outcome.experiment_id)}")
     return "\n".join(lines)
 
 

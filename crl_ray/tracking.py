@@ -44,13 +44,16 @@ def tracking_uri(mlflow_uri: str | None, sweep_dir: Path) -> str:
     return f"sqlite:///{Path(sweep_dir).resolve() / 'mlflow.db'}"
 
 
-def ui_command(uri: str) -> str:
-    """The command (or address) that shows the sweep's runs in the MLflow UI."""
+def ui_command(uri: str, experiment_id: str = "") -> str:
+    """The command (or address) that shows the sweep's runs in the MLflow UI: the experiment's runs table
+    (``#/experiments/<id>/runs``; the experiment's root page opens on MLflow 3's GenAI trace overview)."""
+    page = f"/#/experiments/{experiment_id}/runs" if experiment_id else ""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser (on a cluster: forward the port first, see docs/CLUSTER.md)"
+        return f"open {uri.rstrip('/')}{page} in a browser (on a cluster: forward the port first, see docs/CLUSTER.md)"
     exe = Path(sys.executable).with_name("mlflow")  # the mlflow of this environment (e.g. .venv/bin/mlflow)
     mlflow = str(exe) if exe.is_file() else "mlflow"
-    return f"{mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000"
+    return (f"{mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   "
+            f"# then open http://127.0.0.1:5000{page}")
 
 
 def git_commit() -> str:

@@ -37,6 +37,10 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch) -> None:
     exe = command.split()[0]
     assert exe == "mlflow" or Path(exe).is_file(), "the environment's own mlflow, runnable as printed"
     assert "http://127.0.0.1:5000" in tracking.ui_command("http://127.0.0.1:5000")
+    # straight to the runs table (the experiment's root page is MLflow 3's GenAI trace overview)
+    assert command.endswith("# then open http://127.0.0.1:5000")
+    assert tracking.ui_command("sqlite:////x/mlflow.db", "7").endswith("http://127.0.0.1:5000/#/experiments/7/runs")
+    assert "http://h:5000/#/experiments/7/runs in a browser" in tracking.ui_command("http://h:5000/", "7")
 
 
 def test_flatten_params_has_no_nested_values() -> None:
