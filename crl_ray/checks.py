@@ -209,6 +209,11 @@ def semantic_problems(cfg: SweepConfig, info: ModelInfo | None, prefix: str = ""
     if cfg.train.warmup_steps >= cfg.train.steps and cfg.train.warmup_steps:
         p.append(Problem(prefix + "train.warmup_steps", "warm-up as long as the whole run",
                          cfg.train.warmup_steps, f"use fewer than train.steps ({cfg.train.steps})"))
+    from crl_ray.cluster import STORAGE_FIX, is_uri
+
+    if is_uri(cfg.storage.path):
+        p.append(Problem(prefix + "storage.path", "object-store URIs are not supported yet (trials pass their data, "
+                         "checkpoints and adapters through a folder)", cfg.storage.path, STORAGE_FIX))
     return p
 
 

@@ -132,3 +132,86 @@ def trials_fit(nodes, workers: int, cpus_per_worker: float, gpus_per_worker: flo
     if gpus_per_worker > 0:
         fit = min(fit, math.floor(sum(n.gpus for n in nodes) / (workers * gpus_per_worker) + 1e-9))
     return max(int(fit), 0)
+
+
+# --------------------------------------------------------------------------------------------- shared storage
+# Trials write their training data, checkpoints, adapters and evaluation outputs under storage.path, and Ray
+# Train workers and the evaluation task read them on whichever node they run: the folder must be the same on every
+# node. These checks stop a sweep before its first trial when it is not, instead of trials failing on other nodes.
+LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "overlay", "tmpfs", "ramfs", "vfat",
+                     "ntfs", "apfs", "hfs"}
+STORAGE_FIX = ("use a folder that every node mounts at the same path (NFS, EFS, Filestore, Lustre: see "
+               "docs/CLUSTER.md), e.g. storage.path=/mnt/shared/crl_runs; on one machine any folder works")
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (longest mount point in /proc/mounts), or "" when unknown."""
+    path = Path(path).resolve()
+    best, kind = "", ""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")
+        if (str(path) == mount or str(path).startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, kind = mount, parts[2]
+    return kind
+
+
+def _read_marker(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def nodes_missing_folder(folder: Path, timeout_s: float = 120.0) -> tuple[int, list[str]]:
+    """Alive nodes other than this one that do not see ``folder``: a marker written here is read back by a
+    zero-CPU task pinned to each node. Returns (nodes checked, "<ip> (<node id>)" of each that cannot read it)."""
+    import secrets
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    if not others:
+        return 0, []
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f".storage-check-{secrets.token_hex(4)}"
+    token = secrets.token_hex(16)
+    marker.write_text(token)
+    try:
+        read = ray.remote(num_cpus=0, max_retries=0)(_read_marker)
+        refs = [read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            str(marker)) for n in others]
+        seen = ray.get(refs, timeout=timeout_s)
+    finally:
+        marker.unlink(missing_ok=True)
+    return len(others), [f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})"
+                         for n, got in zip(others, seen) if got != token]
+
+
+def storage_problem(storage_path: str, folder: Path, *, can_grow: bool) -> str | None:
+    """Why a sweep on a cluster cannot keep its files in ``folder`` (None when it can): object-store URIs are not
+    supported by the trial path yet; a folder some node cannot see; a local disk on a cluster that will add nodes."""
+    if is_uri(storage_path):
+        return (f"storage.path {storage_path!r} is an object-store URI; crl_ray's trials pass their data, "
+                f"checkpoints and adapters through a folder for now: {STORAGE_FIX}")
+    checked, missing = nodes_missing_folder(folder)
+    if missing:
+        return (f"storage.path {storage_path!r} ({folder}) is not visible on node(s) {', '.join(missing)}; "
+                f"trials there would fail: {STORAGE_FIX}")
+    kind = filesystem_type(folder)
+    if not checked and can_grow and kind in LOCAL_FILESYSTEMS:  # no other node up to ask: judge by the mount
+        return (f"storage.path {storage_path!r} ({folder}) is on this node's local disk ({kind}) and the cluster "
+                f"adds worker nodes that will not see it: {STORAGE_FIX}")
+    return None

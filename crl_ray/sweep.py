@@ -57,6 +57,7 @@ class ResourcePlan:
     cluster_gpus: float | None
     concurrency: int | None  # None: a cluster's size is only known at run time
     warnings: tuple[str, ...]
+    can_grow: bool = False  # an autoscaling config allows worker nodes beyond the head
 
 
 def local_gpus() -> int:
@@ -135,7 +136,8 @@ def resource_plan(cfg: SweepConfig, capacity=None) -> ResourcePlan:
             concurrency = now
         if concurrency is not None:
             concurrency = max(1, min(trials, concurrency))
-    return ResourcePlan(trials, workers, cpus, gpus, cluster, ccpu, cgpu, concurrency, tuple(warnings))
+    return ResourcePlan(trials, workers, cpus, gpus, cluster, ccpu, cgpu, concurrency, tuple(warnings),
+                        can_grow=shape is not None and len(shape.nodes) > 1)
 
 
 def describe_param(param) -> str:
@@ -342,6 +344,12 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
             capacity = [Node(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
                         for n in ray.nodes() if n.get("Alive")]
         plan = resource_plan(cfg, capacity)
+        if address:  # every node must see storage.path: stop here, before any trial, when one does not
+            from crl_ray.cluster import storage_problem
+
+            problem = storage_problem(cfg.storage.path, folder, can_grow=plan.can_grow)
+            if problem:
+                raise UserError(problem)
         from crl_ray.checks import margin_warnings
 
         for warning in (*plan.warnings, *margin_warnings(cfg)):

@@ -100,3 +100,28 @@ def test_dry_run_prints_the_concurrency_the_run_will_use(capsys) -> None:
     assert "autoscaling up to head 8 CPU + 4 x gpu_a10g_x4 (48 CPU, 4 GPU)" in out
     code = main([str(MARGIN), "--dry-run", "resources.ray_address=auto", "resources.cluster_config=null"])
     assert code == 0 and "decided at run time" in capsys.readouterr().out
+
+
+def test_object_store_uri_is_refused_before_anything_runs(capsys) -> None:
+    from crl_ray.sweep import main
+
+    code = main([str(SMOKE), "--dry-run", "storage.path=s3://bucket/crl_runs"])
+    err = capsys.readouterr().err
+    assert code == 2 and "storage.path" in err and "object-store URIs are not supported yet" in err and "NFS" in err
+
+
+def test_local_disk_on_a_cluster_that_grows_is_refused(monkeypatch, tmp_path) -> None:
+    from crl_ray import cluster
+
+    assert cluster.filesystem_type(Path("/")) != ""  # this machine's root mount is known
+    monkeypatch.setattr(cluster, "nodes_missing_folder", lambda folder: (0, []))  # no other node up yet
+    monkeypatch.setattr(cluster, "filesystem_type", lambda path: "ext4")
+    problem = cluster.storage_problem(str(tmp_path), tmp_path / "s", can_grow=True)
+    assert "local disk (ext4)" in problem and "will not see it" in problem
+    assert cluster.storage_problem(str(tmp_path), tmp_path / "s", can_grow=False) is None  # one machine
+    monkeypatch.setattr(cluster, "filesystem_type", lambda path: "nfs4")
+    assert cluster.storage_problem(str(tmp_path), tmp_path / "s", can_grow=True) is None
+    # other nodes up and all of them see it: shared, whatever the mount says
+    monkeypatch.setattr(cluster, "nodes_missing_folder", lambda folder: (2, []))
+    monkeypatch.setattr(cluster, "filesystem_type", lambda path: "ext4")
+    assert cluster.storage_problem(str(tmp_path), tmp_path / "s", can_grow=True) is None
