@@ -1,4 +1,4 @@
-"""Smoke tests for crl_ray.bench_fsdp (FSDP2 + LoRA benchmark) on CPU / gloo."""
+"""Smoke tests for crl_ray.bench.fsdp (`python -m crl_ray.bench fsdp` (FSDP2 + LoRA benchmark) on CPU / gloo."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _run(extra: list[str], tmp_path: Path, timeout: float = 150):
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.run(
-        [sys.executable, "-m", "crl_ray.bench_fsdp", *TINY, *extra, "--out", str(out)],
+        [sys.executable, "-m", "crl_ray.bench", "fsdp", *TINY, *extra, "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
     )
     return proc, out
@@ -92,7 +92,7 @@ def test_bench_fsdp_fails_fast_on_bad_device(tmp_path):
 
 
 def test_rep_layer_indices():
-    from crl_ray.bench_fsdp import _rep_layer_indices
+    from crl_ray.bench.fsdp import _rep_layer_indices
 
     assert _rep_layer_indices(24) == [6, 12, 18]
     assert _rep_layer_indices(2) == [1]

@@ -9,6 +9,8 @@ BENCHMARKS = {
     "step": ("crl_ray.bench.step", "one CRL training step: the project's step vs a literal port of the reference"),
     "attack": ("crl_ray.bench.attack", "the batched embedding-space attack vs a naive one-behaviour-at-a-time port"),
     "overhead": ("crl_ray.bench.overhead", "the smoke trials through the sweep vs a plain sequential loop"),
+    "fsdp": ("crl_ray.bench.fsdp", "FSDP2 + LoRA training steps of a random-init Llama (GPU or CPU): time, "
+             "tokens/s, memory"),
 }
 
 

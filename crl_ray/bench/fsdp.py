@@ -8,7 +8,7 @@ the adapted model against the same model with adapters disabled).
 Only depends on torch, transformers, peft and the standard library so it can be run
 on its own on a GPU machine::
 
-    python -m crl_ray.bench_fsdp --world-size 1 --device cuda --out bench.json
+    python -m crl_ray.bench fsdp --world-size 1 --device cuda --out bench.json
 
 Rank 0 prints exactly one JSON line (prefixed by nothing) with the results and the
 process exits non-zero if any check fails or anything goes wrong.  Works either by
@@ -36,7 +36,7 @@ from datetime import timedelta
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m crl_ray.bench_fsdp",
+        prog="python -m crl_ray.bench fsdp",
         description="FSDP2 + LoRA fine-tuning benchmark on a random-init Llama model.",
     )
     p.add_argument("--layers", type=int, default=24)
