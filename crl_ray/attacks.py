@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any, Callable, get_args
 
 import torch
 import torch.nn.functional as F
@@ -470,13 +470,40 @@ def _round_trips(tokenizer: Any, candidates: Tensor) -> Tensor:
     return torch.tensor([list(a) == r for a, r in zip(again, rows)], dtype=torch.bool)
 
 
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def score_in_chunks(score: Callable[[Tensor], Tensor], candidates: Tensor, chunk_size: int) -> tuple[Tensor, int]:
+    """``score`` over ``candidates`` in chunks of ``chunk_size`` rows; a chunk that runs out of accelerator memory
+    is retried at half the size (down to one row, then the error stands). Returns the scores and the chunk size
+    that worked, which the caller keeps for its next call."""
+    out: list[Tensor] = []
+    start = 0
+    while start < len(candidates):
+        chunk = candidates[start:start + chunk_size]
+        try:
+            out.append(score(chunk))
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_oom(exc) or chunk_size == 1:
+                raise
+            chunk_size = max(1, chunk_size // 2)
+            logger.warning("GCG candidate scoring ran out of memory: retrying with %d candidates per pass", chunk_size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start += len(chunk)
+    return torch.cat(out), chunk_size
+
+
 def gcg_suffix(model: Any, tokenizer: Any, layout: AttackLayout, cfg: GCGConfig, *, allowed: Tensor,
                generator: torch.Generator) -> tuple[list[int], list[float]]:
     """The best suffix found by greedy coordinate gradient (Zou et al. 2023), and the losses: each step's, then the best.
 
     Each step: the gradient of the target cross-entropy w.r.t. the one-hot suffix gives the ``top_k`` most
     promising allowed tokens per position; ``search_width`` random single-token swaps (seeded by ``generator``)
-    that survive a decode/encode round trip are scored in one batch; the best becomes the current suffix.
+    that survive a decode/encode round trip are scored (``score_batch`` per pass, halved on out-of-memory); the
+    best becomes the current suffix.
     The returned suffix is the lowest-loss one seen, so its loss never exceeds the initial suffix's.
     """
     device, pad = _device(model), pad_id(tokenizer)
@@ -491,6 +518,7 @@ def gcg_suffix(model: Any, tokenizer: Any, layout: AttackLayout, cfg: GCGConfig,
     top_k = min(cfg.top_k, int(allowed.sum()))
     best_loss, best = float("inf"), suffix
     losses: list[float] = []
+    chunk_size = cfg.score_batch or cfg.search_width
     for _ in range(cfg.steps):
         one_hot = F.one_hot(suffix, weight.shape[0]).to(weight.dtype).requires_grad_()
         embeds = torch.cat([(one_hot @ weight)[None], tail], dim=1)
@@ -508,11 +536,14 @@ def gcg_suffix(model: Any, tokenizer: Any, layout: AttackLayout, cfg: GCGConfig,
         candidates = candidates[_round_trips(tokenizer, candidates).to(device)]
         if len(candidates) == 0:
             continue
+        def score(chunk: Tensor) -> Tensor:
+            rows = torch.zeros(len(chunk), dtype=torch.long, device=device)
+            embeds = torch.cat([model.get_input_embeddings()(chunk), tail.expand(len(chunk), -1, -1)], 1)
+            return target_loss(forward_after_prefix(model, prefix.select(rows), embeds, keep),
+                               labels.expand(len(chunk), -1))
+
         with torch.no_grad():
-            rows = torch.zeros(len(candidates), dtype=torch.long, device=device)
-            embeds = torch.cat([model.get_input_embeddings()(candidates), tail.expand(len(candidates), -1, -1)], 1)
-            cand_losses = target_loss(forward_after_prefix(model, prefix.select(rows), embeds, keep),
-                                      labels.expand(len(candidates), -1))
+            cand_losses, chunk_size = score_in_chunks(score, candidates, chunk_size)
         j = int(cand_losses.argmin())
         suffix = candidates[j]
         if float(cand_losses[j]) < best_loss:

@@ -392,6 +392,9 @@ class GCGConfig(Section):
     suffix_tokens: int = Field(20, gt=0, description="Length of the optimised suffix in tokens.")
     top_k: int = Field(256, gt=0, description="Replacement tokens considered per position (by gradient).")
     search_width: int = Field(128, gt=0, description="Random single-token swaps evaluated per iteration.")
+    score_batch: int | None = Field(
+        None, gt=0, description="Candidates scored per forward pass (None = all search_width at once); halved "
+        "automatically when a pass runs out of accelerator memory, so a large search_width fits a small GPU.")
     restarts: int = Field(
         1, gt=0, description="Independent GCG runs per behaviour (same init, their own random swaps); each is a "
         "candidate and the behaviour counts as broken if any is. More = stronger, proportionally slower.",

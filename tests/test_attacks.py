@@ -319,6 +319,44 @@ def test_gcg_keeps_its_best_loss_and_uses_allowed_tokens(model, tok, behaviors) 
     assert F.cross_entropy(logits, torch.tensor(lay.target_ids)).item() == pytest.approx(losses[-1], abs=1e-4)
 
 
+def test_gcg_scores_candidates_in_chunks_with_the_same_result(model, tok, behaviors) -> None:
+    """score_batch only changes memory, not the search: chunks of 5 give the suffix and losses of one pass."""
+    allowed = attacks._allowed_tokens(tok, model.config.vocab_size)
+    lay = attack_layout(tok, behaviors[0])
+    runs = [gcg_suffix(model, tok, lay, GCGConfig(steps=3, suffix_tokens=6, top_k=16, search_width=24,
+                                                  score_batch=batch),
+                       allowed=allowed, generator=torch.Generator().manual_seed(0)) for batch in (None, 5)]
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1] == pytest.approx(runs[1][1], abs=1e-4)
+
+
+def test_candidate_scoring_halves_its_chunks_on_out_of_memory() -> None:
+    seen = []
+
+    def score(chunk):
+        seen.append(len(chunk))
+        if len(chunk) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return chunk.float().sum(1)
+
+    cands = torch.arange(20).reshape(10, 2)
+    scores, size = attacks.score_in_chunks(score, cands, 16)
+    assert torch.equal(scores, cands.float().sum(1)) and size == 2  # 16 -> 8 -> 4 -> 2, then kept
+    assert seen[:4] == [10, 8, 4, 2] and all(n <= 2 for n in seen[3:])
+
+    def broken(chunk):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not retried
+        attacks.score_in_chunks(broken, cands, 4)
+
+    def always_oom(chunk):
+        raise torch.OutOfMemoryError("out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):  # one row that does not fit: the error stands
+        attacks.score_in_chunks(always_oom, cands, 4)
+
+
 def test_gcg_attack_result_and_seed(model, tok, behaviors) -> None:
     cfg = eval_cfg()
     got = run_attack("gcg", model, tok, behaviors, cfg, seed=1)
