@@ -255,6 +255,11 @@ class GenerationConfig(Section):
     temperature: float = Field(0.0, ge=0, description="0 = greedy.")
     seed: int = 0
 
+    def generator(self, model: "ModelConfig") -> tuple[str, str | None]:
+        """(model id, revision) that writes the answers: ``model`` when set (at its default revision), else the
+        base model at ``model.revision``. The one place both the answer cache key and the loader take it from."""
+        return (self.model, None) if self.model else (model.name, model.revision)
+
 
 class DataConfig(Section):
     benign: list[DataSource] = Field(min_length=1)

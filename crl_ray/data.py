@@ -415,10 +415,10 @@ def answered_source(src: DataSource, path: str, cfg: "SweepConfig", *, held_out:
         else:
             gen = cfg.data.generation
             system = refusal_resources()["system_prompt"] if src.answer == "refusal" else None
-            model_id = gen.model or cfg.model.name
-            answers = cached_answers(prompts, model_id=model_id, revision=None if gen.model else cfg.model.revision,
+            model_id, revision = gen.generator(cfg.model)
+            answers = cached_answers(prompts, model_id=model_id, revision=revision,
                                      cfg=gen, system=system, cache_dir=cache_dir, load_model=load_generator)
-            record["generator"] = {"model": model_id, "system": system, **gen.model_dump()}
+            record["generator"] = {**gen.model_dump(), "model": model_id, "revision": revision, "system": system}
         if "response" in ds.column_names:
             ds = ds.remove_columns("response")
         ds = ds.add_column("response", answers)
@@ -472,6 +472,21 @@ def load_model_and_tokenizer(name: str, revision: str | None = None, dtype: str 
     return model, tokenizer
 
 
+def generator_loader(cfg: "SweepConfig") -> Callable[[], tuple[Any, Any]]:  # noqa: F821
+    """What loads the answer generator (``data.generation.generator``) when a cache miss needs it: in the base
+    model's dtype, on the GPU when this process has one (a data task with a worker's resources on a GPU node)."""
+    def load() -> tuple[Any, Any]:
+        import torch
+
+        name, revision = cfg.data.generation.generator(cfg.model)
+        model, tokenizer = load_model_and_tokenizer(name, revision, dtype=cfg.model.dtype)
+        if torch.cuda.is_available():
+            model.to("cuda")
+        return model.eval(), tokenizer
+
+    return load
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m crl_ray.data sources | prepare FILE.yaml [key=value ...]``"""
     import argparse
@@ -497,9 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, _ = load_config(args.file, args.overrides)
         _, tokenizer = load_model_and_tokenizer(cfg.model.name, cfg.model.revision)
-        gen_name = cfg.data.generation.model or cfg.model.name
         data = build_crl_data(cfg, tokenizer, cache_dir=cache_dir() / "generations",
-                              load_generator=lambda: load_model_and_tokenizer(gen_name, cfg.model.revision))
+                              load_generator=generator_loader(cfg))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USAGE_EXIT_CODE

@@ -403,12 +403,10 @@ def prepare_data(cfg: SweepConfig, out: Path) -> Path:
     from transformers import AutoTokenizer
 
     from crl_ray.assets import cache_dir, resolve_model
-    from crl_ray.data import build_crl_data, load_model_and_tokenizer
+    from crl_ray.data import build_crl_data, generator_loader
 
-    gen_name = cfg.data.generation.model or cfg.model.name
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model.name), revision=cfg.model.revision)
-    data = build_crl_data(cfg, tokenizer, cache_dir=cache_dir() / "generations",
-                          load_generator=lambda: load_model_and_tokenizer(gen_name, cfg.model.revision))
+    data = build_crl_data(cfg, tokenizer, cache_dir=cache_dir() / "generations", load_generator=generator_loader(cfg))
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     for name in DATA_GROUPS:
@@ -417,6 +415,25 @@ def prepare_data(cfg: SweepConfig, out: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out
+
+
+def prepare_data_on_a_worker(cfg: SweepConfig, out: Path) -> Path:
+    """:func:`prepare_data` as a Ray task with one training worker's resources (its GPU when ``use_gpu``), outside
+    the caller's placement group: answers that are not cached yet are generated there in the model's dtype, not on
+    the CPU head that runs the trial drivers. ``out`` must be on storage every node sees (the sweep checks it)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    res = cfg.resources
+    options = {"num_cpus": res.cpus_per_worker, **({"num_gpus": res.gpus_per_worker} if res.use_gpu else {})}
+    task = ray.remote(max_calls=1)(_prepare_data_task).options(
+        **options, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    return Path(ray.get(task.remote(cfg, str(out))))
+
+
+def _prepare_data_task(cfg: SweepConfig, out: str) -> str:
+    log_to_stderr()  # generation progress reaches the sweep's console
+    return str(prepare_data(cfg, Path(out)))
 
 
 def run_training(cfg: SweepConfig, *, run_name: str, storage_path: str | Path, callbacks: list | None = None,
@@ -433,8 +450,9 @@ def run_training(cfg: SweepConfig, *, run_name: str, storage_path: str | Path, c
     until = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)
     res = cfg.resources
     storage = Path(storage_path).expanduser().resolve()
-    data_dir = prepare_data(cfg, storage / run_name / "data")
     local = res.num_workers == 0
+    data_dir = (prepare_data(cfg, storage / run_name / "data") if local
+                else prepare_data_on_a_worker(cfg, storage / run_name / "data"))
     loop_config = {"cfg": dump_config(cfg), "until_step": until, "cache_dir": str(cache_dir()),
                    "data_dir": str(data_dir),
                    "local_dir": str(storage / run_name) if local else None, "run_dir": str(storage / run_name),

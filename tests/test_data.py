@@ -182,3 +182,22 @@ def test_source_identity_of_a_hub_dataset_says_when_it_could_not_resolve(monkeyp
 
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", offline)
     assert source_identity(DataSource(source="org/set")) == {"revision": None, "resolved_revision": None}
+
+
+def test_generator_identity_has_one_owner(monkeypatch) -> None:
+    """The answer cache key and the loader take the generator's (model, revision) from the same place: a separate
+    generator model is loaded at its own default revision, never at the defended model's."""
+    from crl_ray import data as data_mod
+    from crl_ray.config import GenerationConfig, ModelConfig
+
+    base = ModelConfig(name="org/base", revision="abc123")
+    assert GenerationConfig().generator(base) == ("org/base", "abc123")
+    assert GenerationConfig(model="org/writer").generator(base) == ("org/writer", None)
+
+    cfg, _ = load_config(ROOT / "sweeps" / "smoke.yaml", ["model.revision=abc123", "data.generation.model=org/writer"])
+    loaded = []
+    monkeypatch.setattr(data_mod, "load_model_and_tokenizer",
+                        lambda name, revision=None, dtype="float32": loaded.append((name, revision, dtype)) or (
+                            torch.nn.Linear(1, 1), None))
+    data_mod.generator_loader(cfg)()
+    assert loaded == [("org/writer", None, cfg.model.dtype)]
