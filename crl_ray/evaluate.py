@@ -156,34 +156,6 @@ def evaluate_model(cfg: SweepConfig, model: Any, tokenizer: Any, *, out_dir: Pat
         log.info("%s attack: %d behaviours in %.1f s", name, len(behaviors), seconds[f"attack_{name}"])
 
     t0 = time.perf_counter()
-    judge = make_judge(cfg, model, progress=progress)
-    flat = [(name, r, c) for name in ev.attacks for r in results[name] for c in r.candidates]
-    answers = [answer_part(c.generation, r.behavior.target) for _, r, c in flat]
-    judged = categorize(judge, [r.behavior.prompt for _, r, _ in flat], answers)
-    seconds["judge"] = time.perf_counter() - t0
-    log.info("judged %d generations with the %s judge in %.1f s", len(flat), judge.name, seconds["judge"])
-
-    broken: dict[str, set[str]] = {name: set() for name in ev.attacks}
-    for (name, r, _), (harmful, _) in zip(flat, judged):
-        if harmful:
-            broken[name].add(r.behavior.id)
-    n = len(behaviors)
-    metrics: dict[str, float] = {f"eval/asr/{name}": len(broken[name]) / n for name in ev.attacks}
-    metrics["eval/asr/max"] = len(set().union(*broken.values())) / n
-    shares: dict[str, dict[str, float]] = {}
-    for name in ev.attacks:
-        cats = [c for (a, *_), (_, c) in zip(flat, judged) if a == name]
-        shares[name] = {c: cats.count(c) / len(cats) for c in CATEGORIES} if cats else {}
-        metrics.update({f"eval/verdicts/{name}/{c}": v for c, v in shares[name].items()})
-    records = [{"behavior_id": r.behavior.id, "prompt": r.behavior.prompt, "target": r.behavior.target,
-                "attack": name, "config": c.config, "final_input": c.final_input, "generation": c.generation,
-                "judged_text": a if a != c.generation else None,
-                "loss": c.loss, "steps": c.steps, "harmful": bool(v), "category": cat}
-               for (name, r, c), a, (v, cat) in zip(flat, answers, judged)]
-    if "embedding" in results:
-        metrics.update(_embedding_signals(results["embedding"], ev))
-
-    t0 = time.perf_counter()
     mmlu = mmlu_accuracy(model, tokenizer, ev.mmlu, batch_size=ev.batch_size, progress=progress)
     mmlu_base = mmlu.accuracy
     if _has_adapter(model):
@@ -195,11 +167,9 @@ def evaluate_model(cfg: SweepConfig, model: Any, tokenizer: Any, *, out_dir: Pat
     benign = _prompts(ev.over_refusal, "eval.over_refusal", ev.over_refusal_limit)
     refusals = over_refusal(model, tokenizer, benign, is_refusal=KeywordJudge().is_refusal,
                             max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
-    benign_cats = [c for _, c in categorize(judge, benign, refusals.answers)]
-    base_cats = benign_cats
+    base_answers = None
     if _has_adapter(model):  # the base model's answers to the same prompts (cached: the same for every trial)
         base_answers = _base_answers(cfg, model, tokenizer, benign)
-        base_cats = [c for _, c in categorize(judge, benign, base_answers)]
     seconds["over_refusal"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -215,13 +185,52 @@ def evaluate_model(cfg: SweepConfig, model: Any, tokenizer: Any, *, out_dir: Pat
         targets_base = target_nll(base, tokenizer, [b.prompt for b in behaviors], [b.target for b in behaviors],
                                   batch_size=ev.batch_size)
     layers = _signal_layers(cfg, model)
-    metrics.update({
+    signals = {
         "eval/target_nll": _mean(targets), "eval/target_nll_base": _mean(targets_base),
         "eval/repr_cos/harmful": representation_shift(model, tokenizer, [b.prompt for b in behaviors], layers,
                                                       batch_size=ev.batch_size),
         "eval/repr_cos/benign": representation_shift(model, tokenizer, kl_prompts, layers, batch_size=ev.batch_size),
-    })
+    }
     seconds["signals"] = time.perf_counter() - t0
+
+    # Everything that needs the evaluated model is done: judge now. A classifier judge (HarmBench's is 13B) gets
+    # the GPU the evaluated model no longer needs.
+    device = _device(model)
+    if ev.judge == "classifier" and device.type == "cuda":
+        import torch
+
+        model.to("cpu")
+        torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    judge = make_judge(cfg, model, progress=progress, device=device)
+    flat = [(name, r, c) for name in ev.attacks for r in results[name] for c in r.candidates]
+    answers = [answer_part(c.generation, r.behavior.target) for _, r, c in flat]
+    judged = categorize(judge, [r.behavior.prompt for _, r, _ in flat], answers)
+    benign_cats = [c for _, c in categorize(judge, benign, refusals.answers)]
+    base_cats = benign_cats if base_answers is None else [c for _, c in categorize(judge, benign, base_answers)]
+    seconds["judge"] = time.perf_counter() - t0
+    log.info("judged %d generations with the %s judge in %.1f s", len(flat), judge.name, seconds["judge"])
+
+    broken: dict[str, set[str]] = {name: set() for name in ev.attacks}
+    for (name, r, _), (harmful, _) in zip(flat, judged):
+        if harmful:
+            broken[name].add(r.behavior.id)
+    n = len(behaviors)
+    metrics: dict[str, float] = {f"eval/asr/{name}": len(broken[name]) / n for name in ev.attacks}
+    metrics["eval/asr/max"] = len(set().union(*broken.values())) / n
+    metrics.update(signals)
+    shares: dict[str, dict[str, float]] = {}
+    for name in ev.attacks:
+        cats = [c for (a, *_), (_, c) in zip(flat, judged) if a == name]
+        shares[name] = {c: cats.count(c) / len(cats) for c in CATEGORIES} if cats else {}
+        metrics.update({f"eval/verdicts/{name}/{c}": v for c, v in shares[name].items()})
+    records = [{"behavior_id": r.behavior.id, "prompt": r.behavior.prompt, "target": r.behavior.target,
+                "attack": name, "config": c.config, "final_input": c.final_input, "generation": c.generation,
+                "judged_text": a if a != c.generation else None,
+                "loss": c.loss, "steps": c.steps, "harmful": bool(v), "category": cat}
+               for (name, r, c), a, (v, cat) in zip(flat, answers, judged)]
+    if "embedding" in results:
+        metrics.update(_embedding_signals(results["embedding"], ev))
 
     check = None
     if ev.judge_check:
@@ -323,16 +332,18 @@ def answer_part(generation: str, target: str) -> str:
     return ""
 
 
-def make_judge(cfg: SweepConfig, model: Any, *, progress: bool = False):
-    """The judge ``cfg.eval.judge`` asks for. The probe's judge LM is its own frozen model, never ``model``."""
+def make_judge(cfg: SweepConfig, model: Any, *, progress: bool = False, device: Any = None):
+    """The judge ``cfg.eval.judge`` asks for, on ``device`` (default: the evaluated model's). The probe's judge LM
+    is its own frozen model, never ``model``."""
     from crl_ray.judges import get_judge
 
     ev = cfg.eval
+    device = device if device is not None else _device(model)
     if ev.judge == "classifier":
         return get_judge("classifier", model_name=ev.judge_model, batch_size=ev.batch_size, dtype=cfg.model.dtype,
-                         device=_device(model), progress=progress)
+                         device=device, progress=progress)
     if ev.judge == "probe":  # calibrated on answers as long as the ones it will judge
-        return get_judge("probe", model_name=ev.judge_model, batch_size=ev.batch_size, device=_device(model),
+        return get_judge("probe", model_name=ev.judge_model, batch_size=ev.batch_size, device=device,
                          max_answer_tokens=ev.max_new_tokens, progress=progress)
     return get_judge(ev.judge)
 
