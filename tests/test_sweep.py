@@ -209,13 +209,14 @@ def test_interrupted_sweep_resumes_without_rerunning_trials(tmp_path, capsys, mo
     assert len(parents) == 1 and parents[0].info.status == "KILLED"
     assert sorted(r.info.status for r in trials) == ["FINISHED", "KILLED"]  # never left RUNNING
     assert sorted(study_states(folder)) == ["COMPLETE", "RUNNING"]
-    # a changed config cannot resume it; a new sweep cannot overwrite it
+    # a changed config cannot resume it, with or without --resume (the fix: another name)
     assert sweep.main(args(tmp_path, "train.steps=3", "--resume"), job=job) == 2
     assert "train.steps: 2 -> 3" in capsys.readouterr().err
-    assert sweep.main(args(tmp_path), job=job) == 2
-    assert "add --resume" in capsys.readouterr().err
+    assert sweep.main(args(tmp_path, "train.steps=3"), job=job) == 2
+    assert "set name=<new name>" in capsys.readouterr().err
 
-    code = sweep.main(args(tmp_path, "--resume"), job=job)
+    # the same command again (no --resume needed) continues it
+    code = sweep.main(args(tmp_path), job=job)
     out, err = capsys.readouterr()
     assert code == 0, out + err
     assert "3 completed" in out
@@ -227,6 +228,11 @@ def test_interrupted_sweep_resumes_without_rerunning_trials(tmp_path, capsys, mo
     first = calls[0]
     assert calls.count(first) == 1  # the finished trial never ran again
     assert len(set(calls)) == 3 and len(calls) == 4  # the interrupted one ran twice, the third once
+    # a finished sweep run again prints its results and runs nothing
+    code = sweep.main(args(tmp_path), job=job)
+    out, err = capsys.readouterr()
+    assert code == 0 and "3 completed" in out, out + err
+    assert len(job._calls()) == 4
 
 
 def test_asha_on_two_cpus_stops_trials_without_stalling_later_ones(tmp_path, capsys, monkeypatch) -> None:
