@@ -300,6 +300,18 @@ def start_ray(cfg: SweepConfig) -> bool:
     return True
 
 
+class _InterruptWatch(logging.Handler):
+    """Notices Tune's "Experiment has been interrupted" warning (the one trace a Ctrl-C leaves in the result)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "has been interrupted" in record.getMessage():
+            self.seen = True
+
+
 def _trial_name(trial) -> str:
     return trial.trial_id
 
@@ -381,8 +393,17 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
         log.info("sweep %s: %d trial(s), %d at a time; storage %s", cfg.name, cfg.search.num_trials,
                  plan.concurrency, folder)
-        grid = tuner.fit()
-        interrupted = len(grid) < cfg.search.num_trials or grid.num_terminated + grid.num_errors < len(grid)
+        watch = _InterruptWatch()
+        tune_log = logging.getLogger("ray.tune.tune")
+        tune_log.addHandler(watch)
+        try:
+            grid = tuner.fit()
+        finally:
+            tune_log.removeHandler(watch)
+        # Tune reports a trial stopped by Ctrl-C as TERMINATED; only its closing warning tells an interrupt apart
+        # when every trial had already been created
+        interrupted = (watch.seen or len(grid) < cfg.search.num_trials
+                       or grid.num_terminated + grid.num_errors < len(grid))
         outcome = SweepOutcome(cfg.name, folder, uri, experiment, target.parent_run_id, interrupted=interrupted,
                                experiment_id=target.experiment_id)
         outcome.rows = result_rows(grid, target, interrupted, cfg.objective)

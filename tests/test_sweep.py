@@ -235,6 +235,22 @@ def test_interrupted_sweep_resumes_without_rerunning_trials(tmp_path, capsys, mo
     assert len(job._calls()) == 4
 
 
+def test_ctrl_c_during_the_last_trial_is_an_interrupt_not_an_early_stop(tmp_path, capsys, monkeypatch) -> None:
+    """Every trial already created when Ctrl-C comes: the sweep still says interrupted, and a resume reruns the
+    interrupted trial instead of recording it as stopped early."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job = FakeJob(str(tmp_path), interrupt_at=1)
+    code = sweep.main(args(tmp_path, "search.num_trials=2"), job=job)
+    out, err = capsys.readouterr()
+    assert code == sweep.EXIT_INTERRUPTED, out + err
+    assert "stopped_early" not in out
+    code = sweep.main(args(tmp_path, "search.num_trials=2"), job=job)
+    out, err = capsys.readouterr()
+    assert code == 0 and "2 completed" in out, out + err
+    folder = tmp_path / "runs" / "smoke"
+    assert sorted(study_states(folder)) == ["COMPLETE"] * 2
+
+
 def test_asha_on_two_cpus_stops_trials_without_stalling_later_ones(tmp_path, capsys, monkeypatch) -> None:
     """Trials of 2 workers x 1 CPU on 3 logical CPUs: a leaked placement group would starve the next trial.
 
