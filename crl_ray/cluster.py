@@ -92,15 +92,12 @@ def shape_from_config(config: dict, source: str, cpus_per_worker: float = 1.0, g
     return ClusterShape(source, tuple(nodes), " + ".join(parts))
 
 
-def read_shape(setting: str | None, *, connected: bool, cpus_per_worker: float, gpus_per_worker: float
-               ) -> ClusterShape | None:
-    """``resources.cluster_config``: a path to a cluster YAML, ``auto`` (the head's bootstrap config when it exists
-    and the sweep runs on a cluster) or None."""
+def read_shape(setting: str | None, *, cpus_per_worker: float, gpus_per_worker: float) -> ClusterShape | None:
+    """``resources.cluster_config`` of a sweep on a cluster: a path to a cluster YAML, ``auto`` (the head's
+    bootstrap config when it exists) or None."""
     if setting is None:
         return None
     if setting == "auto":
-        if not connected:
-            return None
         path = Path(os.path.expanduser(BOOTSTRAP_CONFIG))
         if not path.is_file():
             return None

@@ -102,8 +102,7 @@ def resource_plan(cfg: SweepConfig, capacity=None) -> ResourcePlan:
     shape = None
     if address:
         try:
-            shape = read_shape(res.cluster_config, connected=True, cpus_per_worker=res.cpus_per_worker,
-                               gpus_per_worker=gpw)
+            shape = read_shape(res.cluster_config, cpus_per_worker=res.cpus_per_worker, gpus_per_worker=gpw)
         except ClusterConfigError as exc:
             raise ConfigError([Problem("resources.cluster_config", str(exc), res.cluster_config)], cfg.name) from exc
         cluster = f"existing Ray cluster at {address!r}"
