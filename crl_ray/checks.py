@@ -209,11 +209,17 @@ def semantic_problems(cfg: SweepConfig, info: ModelInfo | None, prefix: str = ""
     if cfg.train.warmup_steps >= cfg.train.steps and cfg.train.warmup_steps:
         p.append(Problem(prefix + "train.warmup_steps", "warm-up as long as the whole run",
                          cfg.train.warmup_steps, f"use fewer than train.steps ({cfg.train.steps})"))
-    from crl_ray.cluster import STORAGE_FIX, is_uri
+    from crl_ray.storage import is_uri, uri_problem
 
-    if is_uri(cfg.storage.path):
-        p.append(Problem(prefix + "storage.path", "object-store URIs are not supported yet (trials pass their data, "
-                         "checkpoints and adapters through a folder)", cfg.storage.path, STORAGE_FIX))
+    if is_uri(cfg.storage.path) and uri_problem(cfg.storage.path):
+        p.append(Problem(prefix + "storage.path", uri_problem(cfg.storage.path), cfg.storage.path,
+                         "use s3://bucket/prefix (or gs://, abfs://, hdfs://) or a folder"))
+    if is_uri(cfg.storage.path) and res.num_workers == 0:
+        p.append(Problem(prefix + "storage.path", "resources.num_workers: 0 (in-process training) keeps its "
+                         "checkpoints in a folder", cfg.storage.path, "use a folder, or num_workers >= 1"))
+    if cfg.storage.head_path is not None and is_uri(cfg.storage.head_path):
+        p.append(Problem(prefix + "storage.head_path", "must be a folder on the head (the Optuna study and MLflow "
+                         "database are sqlite files)", cfg.storage.head_path, "use a folder, e.g. crl_runs"))
     return p
 
 

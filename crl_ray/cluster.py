@@ -132,17 +132,18 @@ def trials_fit(nodes, workers: int, cpus_per_worker: float, gpus_per_worker: flo
 
 
 # --------------------------------------------------------------------------------------------- shared storage
-# Trials write their training data, checkpoints, adapters and evaluation outputs under storage.path, and Ray
-# Train workers and the evaluation task read them on whichever node they run: the folder must be the same on every
-# node. These checks stop a sweep before its first trial when it is not, instead of trials failing on other nodes.
+# Trials keep their training data, checkpoints and adapters under storage.path, and Ray Train workers and the
+# evaluation task read them on whichever node they run: a folder must be the same on every node, an object store
+# reachable from every node. These checks stop a sweep before its first trial when it is not, instead of trials
+# failing on other nodes.
 LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "overlay", "tmpfs", "ramfs", "vfat",
                      "ntfs", "apfs", "hfs"}
-STORAGE_FIX = ("use a folder that every node mounts at the same path (NFS, EFS, Filestore, Lustre: see "
-               "docs/CLUSTER.md), e.g. storage.path=/mnt/shared/crl_runs; on one machine any folder works")
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
+STORAGE_FIX = ("use an object store (storage.path=s3://bucket/prefix, credentials on every node) or a folder that "
+               "every node mounts at the same path (NFS, EFS, Filestore, Lustre), e.g. "
+               "storage.path=/mnt/shared/crl_runs: see docs/CLUSTER.md; on one machine any folder works")
+URI_FIX = ("check the bucket exists and that every node has credentials for it (an instance role / IAM profile, "
+           "or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; AWS_ENDPOINT_URL for an S3-compatible server): see "
+           "docs/CLUSTER.md")
 
 
 def filesystem_type(path: Path) -> str:
@@ -197,12 +198,59 @@ def nodes_missing_folder(folder: Path, timeout_s: float = 120.0) -> tuple[int, l
                          for n, got in zip(others, seen) if got != token]
 
 
-def storage_problem(storage_path: str, folder: Path, *, can_grow: bool) -> str | None:
-    """Why a sweep on a cluster cannot keep its files in ``folder`` (None when it can): object-store URIs are not
-    supported by the trial path yet; a folder some node cannot see; a local disk on a cluster that will add nodes."""
+def _read_stored_marker(location: str) -> str | None:
+    from crl_ray.storage import Store
+
+    try:
+        return Store(location).read_text()
+    except Exception as exc:  # noqa: BLE001 - any failure means this node cannot use the store
+        return f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+def nodes_missing_store(location: str, timeout_s: float = 120.0) -> tuple[int, list[str]]:
+    """Alive nodes (this one included) that cannot read an object written to ``location`` (a URI) from here: a
+    marker is written, then read back by a zero-CPU task pinned to each node. Returns (nodes checked, "<ip> (<node
+    id>): <why>" for each that cannot). Raises OSError when this node cannot write it."""
+    import secrets
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from crl_ray.storage import Store
+
+    store = Store(location)
+    name = f".storage-check-{secrets.token_hex(4)}"
+    token = secrets.token_hex(16)
+    store.write_text(token, name)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    try:
+        read = ray.remote(num_cpus=0, max_retries=0)(_read_stored_marker)
+        refs = [read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            store.uri(name)) for n in nodes]
+        seen = ray.get(refs, timeout=timeout_s)
+    finally:
+        store.delete(name)
+    return len(nodes), [f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]}): {got or 'nothing read'}"
+                        for n, got in zip(nodes, seen) if got != token]
+
+
+def storage_problem(storage_path: str, folder: Path | str, *, can_grow: bool) -> str | None:
+    """Why a sweep on a cluster cannot keep its trials' files at ``folder`` (None when it can): an object store
+    that this node cannot write or some node cannot read; a folder some node cannot see; a local disk on a cluster
+    that will add nodes."""
+    from crl_ray.storage import is_uri
+
     if is_uri(storage_path):
-        return (f"storage.path {storage_path!r} is an object-store URI; crl_ray's trials pass their data, "
-                f"checkpoints and adapters through a folder for now: {STORAGE_FIX}")
+        try:
+            _, missing = nodes_missing_store(str(folder))
+        except Exception as exc:  # noqa: BLE001 - the head itself cannot use it
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return f"storage.path {storage_path!r}: cannot write there from the head ({type(exc).__name__}: " \
+                   f"{first}): {URI_FIX}"
+        if missing:
+            return f"storage.path {storage_path!r} cannot be read on node(s) {'; '.join(missing)}: {URI_FIX}"
+        return None
+    folder = Path(folder)
     checked, missing = nodes_missing_folder(folder)
     if missing:
         return (f"storage.path {storage_path!r} ({folder}) is not visible on node(s) {', '.join(missing)}; "

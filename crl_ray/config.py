@@ -589,7 +589,13 @@ class MlflowConfig(Section):
 
 
 class StorageConfig(Section):
-    path: str = Field("crl_runs", description="Root for Ray results, the Optuna study, caches and MLflow db.")
+    path: str = Field("crl_runs", description="Where trials keep their files under <path>/<name>: training data, "
+                      "Ray Train checkpoints, adapters, evaluation records. A folder (one machine, or mounted at the "
+                      "same path on every node) or an object-store URI (s3://bucket/prefix, gs://..., abfs://...; "
+                      "credentials and endpoint from the environment). docs/CLUSTER.md.")
+    head_path: str | None = Field(None, description="Folder on the head for the sweep's own state (Tune experiment, "
+                                  "Optuna study, MLflow sqlite db and artifacts, trial configs, results); None = "
+                                  "storage.path when that is a folder, else crl_runs.")
 
 
 # --------------------------------------------------------------------------------------------- sweep

@@ -34,10 +34,12 @@ from crl_ray.errors import USAGE_EXIT_CODE, ConfigError, Problem, UserError
 from crl_ray.objective import constraint_values, unchecked_constraints
 from crl_ray.raylogs import RUNTIME_ENV
 from crl_ray.search import segments, study_storage_url
+from crl_ray.storage import is_uri, join
 from crl_ray.tracking import tracking_uri, ui_command
 
 log = logging.getLogger("crl_ray.sweep")
 
+DEFAULT_HEAD_PATH = "crl_runs"  # the sweep's own state when storage.path is an object store
 DRIVER_CPUS = 0.01  # the per-trial driver only waits on its TorchTrainer (Tune rejects 0)
 HEAD_RESOURCE = "node:__internal_head__"  # drivers (and their Train controllers) run on the head: see tracking
 LOCAL_OBJECT_STORE_BYTES = 1 << 30  # a sweep moves no data through the object store
@@ -181,8 +183,9 @@ def render_plan(cfg: SweepConfig, info, plan: ResourcePlan) -> str:
     else:
         lines.append(f"#   concurrent trials:   {plan.concurrency}")
         lines.append(f"#   waves:               {math.ceil(plan.trials / plan.concurrency)}")
-    lines.append(f"#   storage:             {cfg.storage.path}/{cfg.name}")
     folder = sweep_dir(cfg)
+    lines.append(f"#   trial files:         {trial_store(cfg)} (data, checkpoints, adapters, evaluation records)")
+    lines.append(f"#   sweep state (head):  {folder} (Tune experiment, trial configs, results)")
     uri = tracking_uri(cfg.mlflow.tracking_uri, folder)
     lines.append(f"#   mlflow:              {uri} (experiment {cfg.mlflow.experiment or cfg.name})")
     if cfg.search.algorithm != "none":
@@ -199,8 +202,16 @@ def render_plan(cfg: SweepConfig, info, plan: ResourcePlan) -> str:
 
 # --------------------------------------------------------------------------------------------- running
 def sweep_dir(cfg: SweepConfig) -> Path:
-    """Absolute folder of one sweep: <storage.path>/<name>."""
-    return Path(cfg.storage.path).expanduser().resolve() / cfg.name
+    """Absolute folder of one sweep's own state on the head: <storage.head_path or storage.path>/<name> (crl_runs
+    when storage.path is an object store)."""
+    head = cfg.storage.head_path or (DEFAULT_HEAD_PATH if is_uri(cfg.storage.path) else cfg.storage.path)
+    return Path(head).expanduser().resolve() / cfg.name
+
+
+def trial_store(cfg: SweepConfig) -> str:
+    """Where the sweep's trials keep their files (crl_ray.storage): <storage.path>/<name>; the sweep's folder
+    itself when that is a folder."""
+    return join(cfg.storage.path, cfg.name) if is_uri(cfg.storage.path) else str(sweep_dir(cfg))
 
 
 @dataclass
@@ -358,7 +369,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
         if address:  # every node must see storage.path: stop here, before any trial, when one does not
             from crl_ray.cluster import storage_problem
 
-            problem = storage_problem(cfg.storage.path, folder, can_grow=plan.can_grow)
+            problem = storage_problem(cfg.storage.path, trial_store(cfg), can_grow=plan.can_grow)
             if problem:
                 raise UserError(problem)
         from crl_ray.checks import margin_warnings
@@ -372,7 +383,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
         base = dump_config(cfg)
         if not resume:
             _log_sweep_config(target, base, folder / CONFIG_FILE)
-        ctx = TrialContext(base=base, sweep_dir=str(folder), target=target, job=job or TrialJob())
+        ctx = TrialContext(base=base, sweep_dir=str(folder), target=target, job=job or TrialJob(),
+                           store=trial_store(cfg))
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                         {"CPU": DRIVER_CPUS, HEAD_RESOURCE: 0.001})
         if resume:

@@ -38,20 +38,32 @@ FAILED_FILE = "failed.txt"  # rank 0 writes the reason into the run's folder
 COMPLETE_MARKER = ".complete_rank"  # + rank: that rank's checkpoint files are persisted
 
 
+def _base_name(location: str | Path) -> str:
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
+
+
 def _checkpoint_step(name: str) -> int:
     digits = name[len(CHECKPOINT_PREFIX):]
     return int(digits) if name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else -1
 
 
-def complete_checkpoints(run_dir: Path, world_size: int) -> list[Path]:
-    """Checkpoint folders of ``run_dir`` that every rank finished writing (local mode: ``.complete``), oldest first."""
+def complete_checkpoints(run_dir: str | Path, world_size: int) -> list[str]:
+    """Locations of the checkpoint folders of the run at ``run_dir`` (a folder or a URI, crl_ray.storage) that
+    every rank finished writing (local mode: ``.complete``), oldest first."""
+    from crl_ray.storage import Store
+
+    store = Store(run_dir)
     found = []
-    for path in run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-        if _checkpoint_step(path.name) < 0 or not (path / STATE_FILE).is_file():
+    for name in store.list():
+        if _checkpoint_step(name) < 0:
             continue
-        if (path / ".complete").exists() or all((path / f"{COMPLETE_MARKER}{r}").exists() for r in range(world_size)):
-            found.append(path)
-    return sorted(found, key=lambda p: _checkpoint_step(p.name))
+        files = set(store.list(name))
+        if STATE_FILE in files and (".complete" in files
+                                    or all(f"{COMPLETE_MARKER}{r}" in files for r in range(world_size))):
+            found.append(name)
+    return [store.uri(name) for name in sorted(found, key=_checkpoint_step)]
+
+
 CHECKPOINT_PREFIX = "checkpoint_step"
 
 
@@ -59,11 +71,12 @@ CHECKPOINT_PREFIX = "checkpoint_step"
 class TrainOutcome:
     """What a finished (segment of a) training run left behind."""
 
-    adapter_dir: Path
-    checkpoint_dir: Path
+    # locations in the run's storage (crl_ray.storage): local paths for a folder, URIs for an object store
+    adapter_dir: str | Path
+    checkpoint_dir: str | Path
     metrics: dict[str, float]
     step: int
-    data_provenance: Path | None = None  # provenance.json of the training data (sources, sha256 / revisions, rows)
+    data_provenance: str | Path | None = None  # provenance.json of the training data (sources, sha256 / revisions)
 
 
 # ============================================================================================ data sampling
@@ -89,16 +102,17 @@ def micro_batch(ds: Any, micro_index: int, *, rank: int, world_size: int, micro_
 class Worker:
     """State of one training worker (model, optimizer, miner, data) and its loop."""
 
-    def __init__(self, cfg: SweepConfig, *, until_step: int, data_dir: Path, local_dir: Path | None,
-                 run_dir: Path | None = None):
+    def __init__(self, cfg: SweepConfig, *, until_step: int, data_dir: str | Path, local_dir: Path | None,
+                 run_dir: str | Path | None = None):
         from crl_ray.model import seed_everything
 
         self.cfg = cfg
         self.data_dir = data_dir
         self.until_step = until_step
         self.local_dir = local_dir  # local mode: where checkpoints live (Ray does not persist them)
-        # the run's folder in the (shared) storage: Ray persists checkpoints there; failure reasons go there too
-        self.run_dir = run_dir if run_dir is not None else local_dir
+        # the run's location in the storage (a folder or a URI, crl_ray.storage): Ray persists checkpoints there;
+        # failure reasons go there too
+        self.run_dir = str(run_dir) if run_dir is not None else (str(local_dir) if local_dir is not None else None)
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
@@ -176,13 +190,16 @@ class Worker:
     def _build_data(self) -> None:
         import datasets
 
+        from crl_ray.storage import local_copy
+
         self.data = {}
-        for name in DATA_GROUPS:
-            ds = datasets.load_from_disk(str(self.data_dir / name))
-            ds.set_format("torch")
-            if len(ds) == 0:
-                raise ValueError(f"data.{name} is empty after dropping evaluation behaviours; add rows")
-            self.data[name] = ds
+        with local_copy(self.data_dir) as data_dir:  # an object store: a temporary copy on this node
+            for name in DATA_GROUPS:
+                ds = datasets.load_from_disk(str(data_dir / name), keep_in_memory=True)
+                ds.set_format("torch")
+                if len(ds) == 0:
+                    raise ValueError(f"data.{name} is empty after dropping evaluation behaviours; add rows")
+                self.data[name] = ds
 
     def _build_optimizer(self) -> None:
         from transformers import get_scheduler
@@ -255,8 +272,9 @@ class Worker:
             except FloatingPointError as exc:  # the same on every rank (global loss): retrying would repeat it
                 log.error("%s", exc)
                 if self.rank == 0 and self.run_dir is not None:
-                    self.run_dir.mkdir(parents=True, exist_ok=True)
-                    (self.run_dir / FAILED_FILE).write_text(str(exc))
+                    from crl_ray.storage import Store
+
+                    Store(self.run_dir).write_text(str(exc), FAILED_FILE)
                 ray.train.report({FAILED_KEY: str(exc), "step": float(self.step)})
                 return
             last = self.step == self.until_step
@@ -335,21 +353,28 @@ class Worker:
                              checkpoint_dir_name=name)
             # report() returns once this rank's files are persisted: mark them, so that a worker group restarted
             # before Ray registered the checkpoint can still find it complete (see complete_checkpoints)
-            if self.run_dir is not None and (self.run_dir / name).is_dir():
-                (self.run_dir / name / f"{COMPLETE_MARKER}{self.rank}").write_text("ok")
+            if self.run_dir is not None:
+                from crl_ray.storage import Store
+
+                store = Store(self.run_dir)
+                if store.exists(name):
+                    store.write_text("ok", name, f"{COMPLETE_MARKER}{self.rank}")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     def maybe_resume(self) -> None:
         import ray.train
 
-        directory: Path | None = None
+        from crl_ray.storage import local_copy
+
+        directory: str | Path | None = None
         checkpoint = ray.train.get_checkpoint()
         on_disk = complete_checkpoints(self.run_dir, self.world_size) if self.run_dir is not None else []
-        registered = _checkpoint_step(Path(checkpoint.path).name) if checkpoint is not None else -1
-        if on_disk and _checkpoint_step(on_disk[-1].name) > registered:
+        registered = _checkpoint_step(_base_name(checkpoint.path)) if checkpoint is not None else -1
+        if on_disk and _checkpoint_step(_base_name(on_disk[-1])) > registered:
             directory = on_disk[-1]  # persisted by every rank, not (yet) registered by Ray, or local mode
-            self.load(directory)
+            with local_copy(directory) as d:
+                self.load(d)
         elif checkpoint is not None:
             with checkpoint.as_directory() as d:
                 self.load(Path(d))
@@ -389,9 +414,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config.get("threads") or torch.get_num_threads())))
     cfg = SweepConfig.model_validate(config["cfg"])
     local_dir = Path(config["local_dir"]) if config.get("local_dir") else None
-    run_dir = Path(config["run_dir"]) if config.get("run_dir") else None
-    Worker(cfg, until_step=int(config["until_step"]), data_dir=Path(config["data_dir"]), local_dir=local_dir,
-           run_dir=run_dir).run()
+    Worker(cfg, until_step=int(config["until_step"]), data_dir=config["data_dir"], local_dir=local_dir,
+           run_dir=config.get("run_dir")).run()
 
 
 # ============================================================================================ the driver side
@@ -417,10 +441,11 @@ def prepare_data(cfg: SweepConfig, out: Path) -> Path:
     return out
 
 
-def prepare_data_on_a_worker(cfg: SweepConfig, out: Path) -> Path:
+def prepare_data_on_a_worker(cfg: SweepConfig, out: str | Path) -> str:
     """:func:`prepare_data` as a Ray task with one training worker's resources (its GPU when ``use_gpu``), outside
     the caller's placement group: answers that are not cached yet are generated there in the model's dtype, not on
-    the CPU head that runs the trial drivers. ``out`` must be on storage every node sees (the sweep checks it)."""
+    the CPU head that runs the trial drivers. ``out`` is a location in the run's storage (a folder every node sees,
+    or an object-store URI: the task prepares a local copy and uploads it); returns it."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -428,64 +453,77 @@ def prepare_data_on_a_worker(cfg: SweepConfig, out: Path) -> Path:
     options = {"num_cpus": res.cpus_per_worker, **({"num_gpus": res.gpus_per_worker} if res.use_gpu else {})}
     task = ray.remote(max_calls=1)(_prepare_data_task).options(
         **options, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    return Path(ray.get(task.remote(cfg, str(out))))
+    return ray.get(task.remote(cfg, str(out)))
 
 
 def _prepare_data_task(cfg: SweepConfig, out: str) -> str:
+    from crl_ray.storage import Store, is_uri
+
     log_to_stderr()  # generation progress reaches the sweep's console
-    return str(prepare_data(cfg, Path(out)))
+    if not is_uri(out):
+        return str(prepare_data(cfg, Path(out)))
+    with tempfile.TemporaryDirectory(prefix="crl_ray_data_") as tmp:
+        return Store(out).upload(prepare_data(cfg, Path(tmp) / "data"))
 
 
 def run_training(cfg: SweepConfig, *, run_name: str, storage_path: str | Path, callbacks: list | None = None,
                  until_step: int | None = None) -> TrainOutcome:
     """Train (or continue training) ``run_name`` under ``storage_path`` up to ``until_step`` (default train.steps).
 
-    Calling it again with the same name and storage resumes from the run's latest checkpoint.
+    ``storage_path`` is a folder (local, or mounted on every node) or an object-store URI (crl_ray.storage); Ray
+    Train keeps the run's checkpoints there, and the returned locations point into it. Calling it again with the
+    same name and storage resumes from the run's latest checkpoint.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from crl_ray.assets import cache_dir
+    from crl_ray.storage import Store
 
     until = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)
     res = cfg.resources
-    storage = Path(storage_path).expanduser().resolve()
+    store = Store(storage_path)
+    run = store.child(run_name)
     local = res.num_workers == 0
-    data_dir = (prepare_data(cfg, storage / run_name / "data") if local
-                else prepare_data_on_a_worker(cfg, storage / run_name / "data"))
+    if local and store.remote:
+        raise ValueError("resources.num_workers: 0 (local mode) keeps checkpoints in a folder: storage.path must "
+                         "be a folder, not an object-store URI")
+    data_dir = (str(prepare_data(cfg, Path(run.path("data")))) if local
+                else prepare_data_on_a_worker(cfg, run.uri("data")))
     loop_config = {"cfg": dump_config(cfg), "until_step": until, "cache_dir": str(cache_dir()),
-                   "data_dir": str(data_dir),
-                   "local_dir": str(storage / run_name) if local else None, "run_dir": str(storage / run_name),
+                   "data_dir": data_dir, "local_dir": run.path() if local else None, "run_dir": run.uri(),
                    "threads": int(res.cpus_per_worker) if not res.use_gpu else None}
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
     scaling = ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                       resources_per_worker=None if local else per_worker)
-    run_config = ray.train.RunConfig(name=run_name, storage_path=str(storage), callbacks=callbacks or None,
+    run_config = ray.train.RunConfig(name=run_name, storage_path=store.path(),
+                                     storage_filesystem=store.fs if store.remote else None,
+                                     callbacks=callbacks or None,
                                      failure_config=ray.train.FailureConfig(  # every retry limit finite
                                          max_failures=res.max_failures,
                                          controller_failure_limit=res.max_failures,
                                          max_preemption_failures=res.max_failures),
                                      checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
-    (storage / run_name / FAILED_FILE).unlink(missing_ok=True)
+    run.delete(FAILED_FILE)
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
                            run_config=run_config)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    failed = storage / run_name / FAILED_FILE
-    if failed.is_file():
-        raise FloatingPointError(failed.read_text())
+    if run.is_file(FAILED_FILE):
+        raise FloatingPointError(run.read_text(FAILED_FILE))
     if result.metrics and FAILED_KEY in result.metrics:
         raise FloatingPointError(result.metrics[FAILED_KEY])
     if result.checkpoint is not None:
-        checkpoint_dir = Path(result.checkpoint.path)
+        name = _base_name(result.checkpoint.path)
     else:  # local mode with nothing left to train: the latest checkpoint on disk
-        done = complete_checkpoints(storage / run_name, 1)
+        done = complete_checkpoints(run.uri(), 1)
         if not done:
             raise RuntimeError(f"training run {run_name!r} reported no checkpoint")
-        checkpoint_dir = done[-1]
-    state = json.loads((checkpoint_dir / STATE_FILE).read_text())
+        name = _base_name(done[-1])
+    state = json.loads(run.read_text(name, STATE_FILE))
     metrics = {k: float(v) for k, v in (result.metrics or {}).items()
                if isinstance(v, (int, float)) and math.isfinite(float(v))}
-    return TrainOutcome(adapter_dir=checkpoint_dir / ADAPTER_DIR, checkpoint_dir=checkpoint_dir, metrics=metrics,
-                        step=int(state["step"]), data_provenance=data_dir / "provenance.json")
+    located = (lambda *parts: run.uri(*parts)) if store.remote else (lambda *parts: Path(run.path(*parts)))
+    return TrainOutcome(adapter_dir=located(name, ADAPTER_DIR), checkpoint_dir=located(name), metrics=metrics,
+                        step=int(state["step"]), data_provenance=located("data", "provenance.json"))

@@ -31,6 +31,7 @@ from crl_ray import tracking
 from crl_ray.checks import set_path
 from crl_ray.config import SweepConfig, dump_config, parse_config
 from crl_ray.search import param_values, segments
+from crl_ray.storage import Store, fetch, parent
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,14 @@ class TrialContext:
     """Everything a driver needs besides its sampled values (passed with tune.with_parameters)."""
 
     base: dict  # the sweep's resolved config (dump_config)
-    sweep_dir: str  # absolute
+    sweep_dir: str  # absolute; on the head (trial configs, evaluation outputs)
     target: tracking.TrackingTarget
     job: TrialJob = field(default_factory=TrialJob)
+    store: str | None = None  # where trials pass files between nodes (crl_ray.storage); None = sweep_dir
+
+    @property
+    def trial_store(self) -> str:
+        return self.store or self.sweep_dir
 
 
 def resolve_trial_config(base: dict, sampled: dict[str, Any], source: str = "trial") -> SweepConfig:
@@ -153,11 +159,14 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
-def evaluate_remote(job: TrialJob, cfg: SweepConfig, adapter_dir: Path | None, out_dir: Path):
+def evaluate_remote(job: TrialJob, cfg: SweepConfig, adapter_dir: str | Path | None, out_dir: Path):
     """Run ``job.evaluate`` as a Ray task with one worker's GPU (or the trial's CPUs), outside the trial's group.
 
     The driver itself holds only a sliver of CPU; the task starts after training has released its workers, in a
-    fresh process (max_calls=1) that frees its memory when done.
+    fresh process (max_calls=1) that frees its memory when done. It may run on any node: it reads the adapter from
+    its storage location (a local copy for an object store), writes its outputs to a temporary folder there and
+    returns them, and this function writes them into ``out_dir`` (on the driver's node) and points the outcome at
+    them.
     """
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -168,14 +177,25 @@ def evaluate_remote(job: TrialJob, cfg: SweepConfig, adapter_dir: Path | None, o
         options = {"num_cpus": max(res.num_workers, 1) * res.cpus_per_worker}
     task = ray.remote(max_calls=1)(_evaluate).options(
         **options, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    return ray.get(task.remote(job, cfg, adapter_dir, out_dir))
+    outcome, files = ray.get(task.remote(job, cfg, None if adapter_dir is None else str(adapter_dir)))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (out_dir / name).write_bytes(data)
+    outcome.summary_path = out_dir / Path(outcome.summary_path).name
+    outcome.records_path = out_dir / Path(outcome.records_path).name
+    return outcome
 
 
-def _evaluate(job: TrialJob, cfg: SweepConfig, adapter_dir: Path | None, out_dir: Path):
+def _evaluate(job: TrialJob, cfg: SweepConfig, adapter_dir: str | None):
+    from crl_ray.storage import local_copy
     from crl_ray.train import log_to_stderr
 
     log_to_stderr()  # the evaluation's progress (attack i/N, judge, timings) reaches the sweep's console
-    return job.evaluate(cfg, adapter_dir, out_dir=out_dir)
+    with local_copy(adapter_dir) as adapter, tempfile.TemporaryDirectory(prefix="crl_ray_eval_") as tmp:
+        outcome = job.evaluate(cfg, adapter, out_dir=Path(tmp))
+        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+    return outcome, files
 
 
 def report_metrics(train_metrics: dict[str, float], evaluation, step: int, final: bool) -> dict[str, Any]:
@@ -252,16 +272,23 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         tracking.log_params(target, run_id, {f"sampled.{k}": str(v) for k, v in config.items()})
         tracking.log_artifacts(target, run_id, [(config_file, None)])
         done = _restored_step()
+        store = Store(ctx.trial_store)
         for until in segments(cfg):
             if until <= done:
                 continue
-            outcome = ctx.job.train(cfg, run_name=f"train-{trial_id}", storage_path=Path(ctx.sweep_dir) / "train",
+            train_store = store.uri("train") if store.remote else Path(store.path("train"))
+            outcome = ctx.job.train(cfg, run_name=f"train-{trial_id}", storage_path=train_store,
                                     callbacks=[StepMetricsCallback(target, run_id)], until_step=until)
-            if outcome.data_provenance is not None and outcome.data_provenance.is_file():
-                log_data_provenance(target, run_id, outcome.data_provenance)
-                if until == next(iter(segments(cfg))):
-                    log_trial_datasets(target, run_id, cfg, outcome.data_provenance.parent)
-            evaluation = evaluate_remote(ctx.job, cfg, outcome.adapter_dir, trial_dir / f"eval-step{until}")
+            if outcome.data_provenance is not None:
+                data_dir = fetch(parent(outcome.data_provenance), trial_dir / "data")  # a copy for an object store
+                if (data_dir / "provenance.json").is_file():
+                    log_data_provenance(target, run_id, data_dir / "provenance.json")
+                    if until == next(iter(segments(cfg))):
+                        log_trial_datasets(target, run_id, cfg, data_dir)
+            eval_dir = trial_dir / f"eval-step{until}"
+            evaluation = evaluate_remote(ctx.job, cfg, outcome.adapter_dir, eval_dir)
+            if store.remote:  # the records beside the checkpoints, as in a folder store
+                store.upload(eval_dir, "trials", trial_id, eval_dir.name)
             if not math.isfinite(evaluation.objective):
                 raise TrialFailed(f"objective is {evaluation.objective} after step {until} "
                                   f"(evaluation summary: {evaluation.summary_path})")
@@ -272,7 +299,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 ("eval/", "objective", "constraints/", "feasible"))}, until, where=f"trial {trial_id}")
             sample = tracking.sample_records(evaluation.records_path, trial_dir / "generations_sample.jsonl",
                                              cfg.mlflow.sample_generations)
-            tracking.log_artifacts(target, run_id, [(outcome.adapter_dir, "adapter"),
+            adapter = fetch(outcome.adapter_dir, trial_dir / "adapter")  # a copy for an object store
+            tracking.log_artifacts(target, run_id, [(adapter, "adapter"),
                                                     (evaluation.records_path, "eval"),
                                                     (evaluation.summary_path, "eval")]
                                    + ([(sample, "eval")] if sample else []))
