@@ -1,7 +1,6 @@
 """Fixtures shared by the test modules: the tiny tokenizer and the tiny random Llama (tests/helpers_tiny.py)."""
 
 import pytest
-
 from helpers_tiny import tiny_llama, tiny_tokenizer
 
 

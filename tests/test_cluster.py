@@ -7,10 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from crl_ray import sweep
-from crl_ray.checks import load_config
-from crl_ray.cluster import ClusterConfigError, Node, shape_from_config, trials_fit
 from crl_ray.errors import ConfigError
+from crl_ray.sweep import run as sweep
+from crl_ray.sweep.cluster import (
+    ClusterConfigError,
+    Node,
+    shape_from_config,
+    trials_fit,
+)
+from crl_ray.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MARGIN = ROOT / "sweeps" / "margin.yaml"
@@ -91,7 +96,7 @@ def test_a_trial_that_never_fits_is_a_warning_and_bad_configs_name_the_key(tmp_p
 
 
 def test_dry_run_prints_the_concurrency_the_run_will_use(capsys) -> None:
-    from crl_ray.sweep import main
+    from crl_ray.sweep.cli import main
 
     code = main([str(MARGIN), "--dry-run", "resources.ray_address=auto", f"resources.cluster_config={CLUSTER}"])
     out = capsys.readouterr().out
@@ -102,16 +107,26 @@ def test_dry_run_prints_the_concurrency_the_run_will_use(capsys) -> None:
     assert code == 0 and "decided at run time" in capsys.readouterr().out
 
 
-def test_object_store_uri_is_refused_before_anything_runs(capsys) -> None:
-    from crl_ray.sweep import main
+def test_object_store_uris_are_accepted_and_bad_ones_refused_before_anything_runs(capsys) -> None:
+    from crl_ray.sweep.cli import main
 
-    code = main([str(SMOKE), "--dry-run", "storage.path=s3://bucket/crl_runs"])
+    assert main([str(SMOKE), "--dry-run", "storage.path=s3://bucket/crl_runs"]) == 0
+    out = capsys.readouterr().out
+    assert "trial files:         s3://bucket/crl_runs/smoke" in out
+    assert f"sweep state (head):  {Path('crl_runs').resolve() / 'smoke'}" in out  # sqlite stays on the head
+    code = main([str(SMOKE), "--dry-run", "storage.path=ftp://host/crl_runs"])
     err = capsys.readouterr().err
-    assert code == 2 and "storage.path" in err and "object-store URIs are not supported yet" in err and "NFS" in err
+    assert code == 2 and "storage.path" in err and "unknown scheme 'ftp'" in err and "s3://bucket/prefix" in err
+    code = main([str(SMOKE), "--dry-run", "storage.path=s3://b/x", "storage.head_path=s3://b/y"])
+    err = capsys.readouterr().err
+    assert code == 2 and "storage.head_path" in err and "sqlite" in err
+    code = main([str(SMOKE), "--dry-run", "storage.path=s3://b/x", "resources.num_workers=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "num_workers: 0" in err
 
 
 def test_local_disk_on_a_cluster_that_grows_is_refused(monkeypatch, tmp_path) -> None:
-    from crl_ray import cluster
+    from crl_ray.sweep import cluster
 
     assert cluster.filesystem_type(Path("/")) != ""  # this machine's root mount is known
     monkeypatch.setattr(cluster, "nodes_missing_folder", lambda folder: (0, []))  # no other node up yet

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import yaml
-
 import ray.autoscaler
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -545,8 +544,8 @@ def test_constraints_pin_every_dependency_within_pyproject_ranges_and_match_this
     """The lock file the nodes and CI install with: every dependency of pyproject.toml pinned, inside its range,
     Ray pinned at cluster.yaml's version, and this very environment built from it (CI installs with -c too)."""
     import importlib.metadata as md
-    import tomllib
 
+    import tomllib
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 

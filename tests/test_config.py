@@ -11,10 +11,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from crl_ray import sweep
-from crl_ray.checks import load_config, model_info
-from crl_ray.config import LayerSpec, deep_merge, dump_config, parse_config, read_sweep_file
+from crl_ray.config import (
+    LayerSpec,
+    deep_merge,
+    dump_config,
+    parse_config,
+    read_sweep_file,
+)
 from crl_ray.errors import ConfigError, Problem
+from crl_ray.sweep import cli as sweep_cli
+from crl_ray.sweep import run as sweep
+from crl_ray.validate import load_config, model_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -22,7 +29,7 @@ SMOKE = ROOT / "sweeps" / "smoke.yaml"
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    code = sweep.main(args)
+    code = sweep_cli.main(args)
     out, err = capsys.readouterr()
     return code, out, err
 

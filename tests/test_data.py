@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from crl_ray.checks import load_config
 from crl_ray.config import DataSource
 from crl_ray.data import (
     EMBEDDED_SOURCES,
@@ -21,6 +20,7 @@ from crl_ray.data import (
     template_refusal,
 )
 from crl_ray.errors import UserError
+from crl_ray.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def test_template_refusals_are_stable_and_from_the_set() -> None:
 def test_build_crl_data_generates_once_and_keeps_eval_out(tmp_path: Path) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from crl_ray.assets import resolve_model
+    from crl_ray.data.assets import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("embedded:smollm2-135m-instruct"))
     calls = []

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from crl_ray.checks import DISTANCE_MAX, load_config, margin_warnings
 from crl_ray.config import RepBendConfig, dump_config, parse_config
-from crl_ray.losses import distance, triplet_terms
-from crl_ray.model import lora_blocks
-from crl_ray.step import LossPlan
+from crl_ray.training.losses import distance, triplet_terms
+from crl_ray.training.model import lora_blocks
+from crl_ray.training.step import LossPlan
+from crl_ray.validate import DISTANCE_MAX, load_config, margin_warnings
 
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
 BASE = {"name": "t", "data": {"benign": [{"source": "benign_prompts"}], "harmful": [{"source": "advbench"}],
@@ -155,13 +155,13 @@ def test_margin_warnings_for_searched_margins_and_distances():
 
 
 def test_dry_run_prints_margin_warnings_and_shipped_cpu_sweeps_have_none(capsys):
-    from crl_ray import sweep
+    from crl_ray.sweep import cli as sweep_cli
 
     overrides = ["loss.dist_harmful_neg=cosine", "loss.dist_benign_neg=cosine", "loss.margin_benign=3"]
-    assert sweep.main([str(SWEEPS / "smoke.yaml"), *overrides, "--dry-run"]) == 0
+    assert sweep_cli.main([str(SWEEPS / "smoke.yaml"), *overrides, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "# WARNING: loss.margin_benign = 3 >= 2" in out
     assert "search.space[loss.margin_harmful] searches 300..3000" in out
     for name in ("smoke", "demo", "defend"):
-        assert sweep.main([str(SWEEPS / f"{name}.yaml"), "--dry-run"]) == 0
+        assert sweep_cli.main([str(SWEEPS / f"{name}.yaml"), "--dry-run"]) == 0
         assert "WARNING" not in capsys.readouterr().out, name

@@ -1,4 +1,4 @@
-"""crl_ray.encoding: fixed-length request/response encoding and the position masks of docs/METHOD.md."""
+"""crl_ray.data.encoding: fixed-length request/response encoding and the position masks of docs/METHOD.md."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from transformers import BatchEncoding, PreTrainedTokenizerFast
 
 from crl_ray.config import MaskMode
-from crl_ray.encoding import (
+from crl_ray.data.encoding import (
     ENCODED_COLUMNS,
     _as_ids,
     build_request,
@@ -244,7 +244,7 @@ def test_collate_skips_text_fields():
 def test_smollm2_tokenizer_if_cached():
     """The embedded model's real ChatML tokenizer, when the asset is already in the cache (no download)."""
     try:
-        from crl_ray.assets import asset_path, is_cached
+        from crl_ray.data.assets import asset_path, is_cached
 
         if not is_cached("smollm2-135m-instruct"):
             pytest.skip("smollm2-135m-instruct is not in the asset cache")

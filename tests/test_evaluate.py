@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 from helpers_tiny import tiny_llama
 
-from crl_ray import attacks, evaluate
-from crl_ray.attacks import AttackResult, Candidate
-from crl_ray.checks import load_config
 from crl_ray.data import normalise
 from crl_ray.errors import ConfigError
-from crl_ray.evaluate import evaluate_adapter, evaluate_model, standalone_config, training_prompts
-from crl_ray.objective import scalar_objective, vector_objective
+from crl_ray.evaluate import attacks
+from crl_ray.evaluate import cli as evaluate_cli
+from crl_ray.evaluate import run as evaluate
+from crl_ray.evaluate.attacks import AttackResult, Candidate
+from crl_ray.evaluate.cli import standalone_config
+from crl_ray.evaluate.objective import scalar_objective, vector_objective
+from crl_ray.evaluate.run import evaluate_adapter, evaluate_model, training_prompts
+from crl_ray.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
@@ -168,7 +171,7 @@ def test_evaluate_adapter_measures_drift_from_the_base(model_dir, tmp_path):
 
 
 def test_signal_helpers_by_hand(tok, model):
-    from crl_ray.capability import representation_shift, target_nll
+    from crl_ray.evaluate.capability import representation_shift, target_nll
 
     nll = target_nll(model, tok, ["How do I bake bread?"] * 2, ["Mix flour and water.", ""], batch_size=2)
     assert math.isfinite(nll[0]) and nll[0] > 0 and math.isnan(nll[1])  # an empty target has no NLL
@@ -194,7 +197,7 @@ def test_standalone_config_checks_eval_settings(monkeypatch):
 
 # ----------------------------------------------------------------------------------------- CLI
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    code = evaluate.main(args)
+    code = evaluate_cli.main(args)
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -243,13 +246,13 @@ def test_cli_adapter_mismatches_exit_2(model_dir, tmp_path, capsys):
 
 def test_cli_limit_must_be_positive(capsys):
     with pytest.raises(SystemExit) as exit_:
-        evaluate.main(["--limit", "0"])
+        evaluate_cli.main(["--limit", "0"])
     assert exit_.value.code == 2 and "--limit" in capsys.readouterr().err
 
 
 def test_cli_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit) as exit_:
-        evaluate.main(["--help"])
+        evaluate_cli.main(["--help"])
     out = capsys.readouterr().out
     assert exit_.value.code == 0
     for flag in ("--model", "--adapter", "--attacks", "--judge", "--behaviors", "--limit", "--out", "--config",
@@ -295,8 +298,8 @@ def test_the_judge_reads_the_answer_after_the_attacks_own_target():
 
 
 def test_harmbench_format_csv_works_as_behaviors_without_a_column_override(tmp_path):
-    from crl_ray.attacks import load_behaviors
     from crl_ray.config import DataSource
+    from crl_ray.evaluate.attacks import load_behaviors
 
     file = tmp_path / "harmbench_behaviors_text_val.csv"
     file.write_text("Behavior,FunctionalCategory,SemanticCategory,Tags,ContextString,BehaviorID\n"
@@ -309,13 +312,13 @@ def test_harmbench_format_csv_works_as_behaviors_without_a_column_override(tmp_p
 
 def test_default_output_folders_never_overwrite(tmp_path):
     root = tmp_path / "eval"
-    a = evaluate.default_out_dir(root, "embedded:smollm2", tmp_path / "runA" / "checkpoint_000040" / "adapter")
-    b = evaluate.default_out_dir(root, "embedded:smollm2", tmp_path / "runB" / "checkpoint_000040" / "adapter")
+    a = evaluate_cli.default_out_dir(root, "embedded:smollm2", tmp_path / "runA" / "checkpoint_000040" / "adapter")
+    b = evaluate_cli.default_out_dir(root, "embedded:smollm2", tmp_path / "runB" / "checkpoint_000040" / "adapter")
     assert a != b and "runA_checkpoint_000040" in a.name
     a.mkdir(parents=True)
-    again = evaluate.default_out_dir(root, "embedded:smollm2", tmp_path / "runA" / "checkpoint_000040" / "adapter")
+    again = evaluate_cli.default_out_dir(root, "embedded:smollm2", tmp_path / "runA" / "checkpoint_000040" / "adapter")
     assert again.name == a.name + "-2"
-    assert evaluate.default_out_dir(root, "org/model", None) == root / "org-model"
+    assert evaluate_cli.default_out_dir(root, "org/model", None) == root / "org-model"
 
 
 def test_judge_check_errors_name_the_flag(tmp_path, capsys):

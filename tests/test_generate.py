@@ -1,4 +1,4 @@
-"""crl_ray.generate: batched chat generation and the provenance-recording answer cache."""
+"""crl_ray.data.generate: batched chat generation and the provenance-recording answer cache."""
 
 from __future__ import annotations
 
@@ -12,8 +12,13 @@ import torch
 from helpers_tiny import tiny_llama
 
 from crl_ray.config import GenerationConfig
-from crl_ray.generate import GENERATE_VERSION, cache_key, cached_answers, generate_answers
-from crl_ray.encoding import build_request, end_of_turn_id, pad_id
+from crl_ray.data.encoding import build_request, end_of_turn_id, pad_id
+from crl_ray.data.generate import (
+    GENERATE_VERSION,
+    cache_key,
+    cached_answers,
+    generate_answers,
+)
 
 PROMPTS = [
     "Hi",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from crl_ray.losses import (
+from crl_ray.training.losses import (
     DISTANCES,
     circuit_breaker_coefficients,
     circuit_breaker_terms,

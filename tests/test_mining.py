@@ -9,14 +9,14 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
+from helpers_tiny import tiny_llama
 from torch.testing import assert_close
 
 from crl_ray.bench.step import synthetic_batch
 from crl_ray.config import MiningConfig
-from crl_ray.mining import Miner, example_order
-from crl_ray.model import decoder_layers, forward_hidden
-from crl_ray.train import micro_batch
-from helpers_tiny import tiny_llama
+from crl_ray.training.mining import Miner, example_order
+from crl_ray.training.model import decoder_layers, forward_hidden
+from crl_ray.training.train import micro_batch
 
 ROWS = 12
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from crl_ray import cluster
+from crl_ray.sweep import cluster
 from tests.s3server import s3_server
 
 pytestmark = pytest.mark.slow
@@ -141,11 +141,11 @@ def test_a_folder_the_other_node_cannot_see_is_found_and_a_shared_one_passes(two
 
 
 def test_sweep_on_a_head_only_folder_stops_before_any_trial_with_exit_2(two_nodes, capsys) -> None:
-    from crl_ray import sweep
+    from crl_ray.sweep import cli as sweep_cli
 
-    root, hidden, port = two_nodes.root, two_nodes.hidden, two_nodes.port
+    hidden, port = two_nodes.hidden, two_nodes.port
     smoke = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
-    code = sweep.main([str(smoke), f"storage.path={hidden / 'crl_runs'}", f"resources.ray_address=127.0.0.1:{port}",
+    code = sweep_cli.main([str(smoke), f"storage.path={hidden / 'crl_runs'}", f"resources.ray_address=127.0.0.1:{port}",
                        "search.num_trials=2", "train.steps=2"])
     err = capsys.readouterr().err
     assert code == 2, err

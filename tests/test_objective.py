@@ -1,4 +1,4 @@
-"""crl_ray.objective: the scalar and vector objectives and the limits, by hand; the sweep summary picks only
+"""crl_ray.evaluate.objective: the scalar and vector objectives and the limits, by hand; the sweep summary picks only
 feasible trials."""
 
 from __future__ import annotations
@@ -7,11 +7,21 @@ import math
 
 import pytest
 
-from crl_ray import plots, sweep
 from crl_ray.config import ObjectiveConfig, parse_config
 from crl_ray.errors import ConfigError
-from crl_ray.objective import (CONSTRAINT_METRICS, DIRECTIONS, asr, capability, constraint_values, feasible,
-                               scalar_objective, unchecked_constraints, vector_objective)
+from crl_ray.evaluate.objective import (
+    CONSTRAINT_METRICS,
+    DIRECTIONS,
+    asr,
+    capability,
+    constraint_values,
+    feasible,
+    scalar_objective,
+    unchecked_constraints,
+    vector_objective,
+)
+from crl_ray.sweep import plots
+from crl_ray.sweep import run as sweep
 
 METRICS = {
     "eval/asr/direct": 0.25, "eval/asr/embedding": 0.75, "eval/asr/max": 0.8,

@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from crl_ray import raylogs, sweep
+from crl_ray.sweep import raylogs
+from crl_ray.sweep import run as sweep
 
 
 def test_filter_drops_only_the_state_api_message(caplog) -> None:
@@ -28,7 +29,7 @@ def test_filter_drops_only_the_state_api_message(caplog) -> None:
 def test_sweep_starts_ray_with_the_hook(monkeypatch) -> None:
     import ray
 
-    from crl_ray.checks import load_config
+    from crl_ray.validate import load_config
 
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

@@ -14,11 +14,17 @@ import optuna
 import pytest
 from test_objective import COLLAPSED, UNTOUCHED, USEFUL
 
-from crl_ray import search, sweep
-from crl_ray.checks import load_config
 from crl_ray.config import LayerSpec
-from crl_ray.objective import constraint_values, scalar_objective, vector_objective
-from crl_ray.trial import report_metrics, resolve_trial_config
+from crl_ray.evaluate.objective import (
+    constraint_values,
+    scalar_objective,
+    vector_objective,
+)
+from crl_ray.sweep import cli as sweep_cli
+from crl_ray.sweep import run as sweep
+from crl_ray.sweep import search
+from crl_ray.sweep.trial import report_metrics, resolve_trial_config
+from crl_ray.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
@@ -185,7 +191,7 @@ def test_segments_and_asha() -> None:
     ("search.population_size=4", "search.population_size"),
 ])
 def test_cli_rejects_what_optuna_would(override: str, key: str, capsys) -> None:
-    code = sweep.main([str(SMOKE), override, "--dry-run"])
+    code = sweep_cli.main([str(SMOKE), override, "--dry-run"])
     out, err = capsys.readouterr()
     assert code == 2 and key in err and "fix:" in err and out == ""
 
@@ -199,7 +205,7 @@ def test_malformed_sweep_is_rejected_before_anything_starts(tmp_path, capsys) ->
     assert n == 1
     bad.write_text(text)
     runs = tmp_path / "runs"
-    code = sweep.main([str(bad), f"storage.path={runs}"])
+    code = sweep_cli.main([str(bad), f"storage.path={runs}"])
     out, err = capsys.readouterr()
     assert code == 2 and "train.steps" in err and "train.stepz" in err and out == ""
     assert not runs.exists() and not ray.is_initialized()
@@ -207,7 +213,7 @@ def test_malformed_sweep_is_rejected_before_anything_starts(tmp_path, capsys) ->
 
 # ------------------------------------------------------------------------------------------ constraints
 def tune_result(cfg, metrics: dict) -> dict:
-    """A trial's last result as Tune hands it to the searcher: what the driver reports (crl_ray.trial)."""
+    """A trial's last result as Tune hands it to the searcher: what the driver reports (crl_ray.sweep.trial)."""
     evaluation = SimpleNamespace(metrics=metrics, objective=scalar_objective(metrics, cfg.objective),
                                  objectives=vector_objective(metrics, cfg.objective))
     return {**report_metrics({"train/loss": 1.0}, evaluation, step=4, final=True), "training_iteration": 1}
@@ -279,7 +285,7 @@ def test_limit_without_its_metric_is_skipped_with_one_warning(tmp_path, caplog) 
     cfg = smoke()
     searcher = search.make_searcher(cfg, tmp_path)
     without_base = {k: v for k, v in USEFUL.items() if k != "eval/mmlu_base"}
-    with caplog.at_level("WARNING", logger="crl_ray.search"):
+    with caplog.at_level("WARNING", logger="crl_ray.sweep.search"):
         feed(searcher, cfg, [without_base, without_base])
         # a trial that failed before its first evaluation gets no constraints and no warning
         searcher.suggest("t9")
@@ -293,8 +299,8 @@ def test_limit_without_its_metric_is_skipped_with_one_warning(tmp_path, caplog) 
 
 
 def test_importing_the_search_module_does_not_import_ray() -> None:
-    code = ("import sys, crl_ray.sweep, crl_ray.search; assert 'ray' not in sys.modules, 'ray imported'; "
-            "print(crl_ray.search.ConstrainedOptunaSearch.__name__)")
+    code = ("import sys, crl_ray.sweep, crl_ray.sweep.search; assert 'ray' not in sys.modules, 'ray imported'; "
+            "print(crl_ray.sweep.search.ConstrainedOptunaSearch.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ConstrainedOptunaSearch"
@@ -302,7 +308,8 @@ def test_importing_the_search_module_does_not_import_ray() -> None:
 
 def test_tpe_startup_trials_reach_the_sampler():
     from crl_ray.config import SweepConfig
-    from crl_ray.search import make_sampler, search_problems
+    from crl_ray.sweep.search import make_sampler
+    from crl_ray.validate import search_problems
 
     base = {"name": "s", "data": {"benign": [{"source": "benign_prompts"}], "harmful": [{"source": "advbench"}],
                                   "retain": [{"source": "benign_prompts"}]}}

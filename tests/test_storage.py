@@ -99,7 +99,7 @@ def test_a_missing_bucket_is_reported_by_the_storage_check(bucket) -> None:
     and the fix (credentials, bucket, endpoint)."""
     import ray
 
-    from crl_ray import cluster
+    from crl_ray.sweep import cluster
 
     ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING")
     try:

@@ -21,9 +21,11 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from crl_ray import sweep, tracking
-from crl_ray.checks import load_config
-from crl_ray.trial import TrialJob
+from crl_ray.sweep import cli as sweep_cli
+from crl_ray.sweep import run as sweep
+from crl_ray.sweep import tracking
+from crl_ray.sweep.trial import TrialJob
+from crl_ray.validate import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -157,7 +159,7 @@ def study_states(folder: Path) -> list[str]:
 def test_sweep_records_every_trial_and_goes_on_after_failures(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     job = FakeJob(str(tmp_path), nan_at=(1,), raise_at=(2,))
-    code = sweep.main(args(tmp_path), job=job)
+    code = sweep_cli.main(args(tmp_path), job=job)
     out, err = capsys.readouterr()
     assert code == 0, err
     folder = tmp_path / "runs" / "smoke"
@@ -200,7 +202,7 @@ def test_sweep_records_every_trial_and_goes_on_after_failures(tmp_path, capsys, 
 def test_interrupted_sweep_resumes_without_rerunning_trials(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     job = FakeJob(str(tmp_path), interrupt_at=1)
-    code = sweep.main(args(tmp_path), job=job)
+    code = sweep_cli.main(args(tmp_path), job=job)
     out, err = capsys.readouterr()
     assert code == sweep.EXIT_INTERRUPTED, out + err
     assert "--resume" in out
@@ -210,13 +212,13 @@ def test_interrupted_sweep_resumes_without_rerunning_trials(tmp_path, capsys, mo
     assert sorted(r.info.status for r in trials) == ["FINISHED", "KILLED"]  # never left RUNNING
     assert sorted(study_states(folder)) == ["COMPLETE", "RUNNING"]
     # a changed config cannot resume it, with or without --resume (the fix: another name)
-    assert sweep.main(args(tmp_path, "train.steps=3", "--resume"), job=job) == 2
+    assert sweep_cli.main(args(tmp_path, "train.steps=3", "--resume"), job=job) == 2
     assert "train.steps: 2 -> 3" in capsys.readouterr().err
-    assert sweep.main(args(tmp_path, "train.steps=3"), job=job) == 2
+    assert sweep_cli.main(args(tmp_path, "train.steps=3"), job=job) == 2
     assert "set name=<new name>" in capsys.readouterr().err
 
     # the same command again (no --resume needed) continues it
-    code = sweep.main(args(tmp_path), job=job)
+    code = sweep_cli.main(args(tmp_path), job=job)
     out, err = capsys.readouterr()
     assert code == 0, out + err
     assert "3 completed" in out
@@ -229,7 +231,7 @@ def test_interrupted_sweep_resumes_without_rerunning_trials(tmp_path, capsys, mo
     assert calls.count(first) == 1  # the finished trial never ran again
     assert len(set(calls)) == 3 and len(calls) == 4  # the interrupted one ran twice, the third once
     # a finished sweep run again prints its results and runs nothing
-    code = sweep.main(args(tmp_path), job=job)
+    code = sweep_cli.main(args(tmp_path), job=job)
     out, err = capsys.readouterr()
     assert code == 0 and "3 completed" in out, out + err
     assert len(job._calls()) == 4
@@ -240,11 +242,11 @@ def test_ctrl_c_during_the_last_trial_is_an_interrupt_not_an_early_stop(tmp_path
     interrupted trial instead of recording it as stopped early."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     job = FakeJob(str(tmp_path), interrupt_at=1)
-    code = sweep.main(args(tmp_path, "search.num_trials=2"), job=job)
+    code = sweep_cli.main(args(tmp_path, "search.num_trials=2"), job=job)
     out, err = capsys.readouterr()
     assert code == sweep.EXIT_INTERRUPTED, out + err
     assert "stopped_early" not in out
-    code = sweep.main(args(tmp_path, "search.num_trials=2"), job=job)
+    code = sweep_cli.main(args(tmp_path, "search.num_trials=2"), job=job)
     out, err = capsys.readouterr()
     assert code == 0 and "2 completed" in out, out + err
     folder = tmp_path / "runs" / "smoke"
@@ -298,7 +300,7 @@ def workers_of(ancestor: int) -> list:
 
 @dataclass
 class RealTrainJob(FakeJob):
-    """crl_ray.train.run_training for real (2 FSDP2 workers on the tiny model) with injected faults; fake evaluation.
+    """crl_ray.training.train.run_training for real (2 FSDP2 workers on the tiny model) with injected faults; fake evaluation.
 
     In trial ``kill_at`` a thread SIGKILLs one Train worker once checkpoint ``kill_after_step`` is on disk (and the
     final one not yet); trial ``poison_at`` trains with train.lr = 1e30, so its loss is NaN from step 2 on.
@@ -311,7 +313,7 @@ class RealTrainJob(FakeJob):
     def train(self, cfg, *, run_name, storage_path, callbacks=None, until_step=None):
         import threading
 
-        from crl_ray.train import CHECKPOINT_PREFIX, run_training
+        from crl_ray.training.train import CHECKPOINT_PREFIX, run_training
 
         number = self.number(run_name)
         with (Path(self.log_dir) / "calls.txt").open("a") as f:
@@ -349,8 +351,9 @@ def test_killed_train_worker_resumes_from_checkpoint_and_nan_loss_fails_the_tria
     """Two trials of real training (2 FSDP2 workers, tiny random Llama): trial 0 loses a worker to SIGKILL after
     checkpoint 4 and continues from a checkpoint (Ray Train restarts the group: resources.max_failures); trial 1's
     loss turns NaN and it is recorded as failed with the reason while the sweep goes on."""
-    from crl_ray.config import parse_config
     from helpers_tiny import tiny_llama, tiny_tokenizer
+
+    from crl_ray.config import parse_config
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     model_dir = tmp_path / "model"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from crl_ray import tracking
+from crl_ray.sweep import tracking
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_flatten_params_has_no_nested_values() -> None:
 
 
 def test_finite_metrics_drop_nan_with_a_warning(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="crl_ray.tracking"):
+    with caplog.at_level(logging.WARNING, logger="crl_ray.sweep.tracking"):
         out = tracking.finite_metrics({"a": 1, "b": math.nan, "c": math.inf, "d": "path", "e": True, "f": 0.5})
     assert out == {"a": 1.0, "f": 0.5}
     assert "b=nan" in caplog.text and "c=inf" in caplog.text
@@ -134,7 +134,7 @@ def test_data_provenance_reaches_the_trial_run(target, tmp_path) -> None:
     trial's run, and the whole record an artifact."""
     import json
 
-    from crl_ray.trial import log_data_provenance
+    from crl_ray.sweep.trial import log_data_provenance
 
     record = tmp_path / "provenance.json"
     record.write_text(json.dumps([
@@ -159,8 +159,8 @@ def test_experiment_opens_on_its_runs_not_on_traces(target) -> None:
 def test_training_and_evaluation_data_are_mlflow_dataset_inputs(target, tmp_path) -> None:
     import datasets
 
-    from crl_ray.checks import load_config
-    from crl_ray.trial import log_trial_datasets
+    from crl_ray.sweep.trial import log_trial_datasets
+    from crl_ray.validate import load_config
 
     root = Path(__file__).resolve().parents[1]
     cfg, _ = load_config(root / "sweeps" / "smoke.yaml")

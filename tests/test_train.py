@@ -6,21 +6,33 @@ tests marked slow start real Ray workers (FSDP2 on gloo) or load the embedded Sm
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from helpers_tiny import tiny_llama, tiny_tokenizer
 from torch.testing import assert_close
 
 from crl_ray.bench.step import naive_step, synthetic_batch
 from crl_ray.config import parse_config
-from crl_ray.model import (apply_lora, enable_activation_checkpointing, forward_hidden, lora_blocks, num_blocks,
-                           segments, use_packed_attention)
-from crl_ray.step import LossPlan, StepComputer
-from crl_ray.train import ADAPTER_DIR, Worker, micro_batch, prepare_data, run_training
-from helpers_tiny import tiny_llama, tiny_tokenizer
+from crl_ray.training.model import (
+    apply_lora,
+    enable_activation_checkpointing,
+    forward_hidden,
+    lora_blocks,
+    num_blocks,
+    segments,
+    use_packed_attention,
+)
+from crl_ray.training.step import LossPlan, StepComputer
+from crl_ray.training.train import (
+    ADAPTER_DIR,
+    Worker,
+    micro_batch,
+    prepare_data,
+    run_training,
+)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +125,7 @@ def test_forward_hidden_truncated_equals_full_pass(tiny_model_dir):
 
 def test_packed_rows_equal_each_row_alone(tiny_model_dir):
     """One packed sequence with per-row attention = a forward on each row's real tokens (hidden states, logits)."""
-    from crl_ray.step import _packed_batch
+    from crl_ray.training.step import _packed_batch
 
     cfg = make_cfg(tiny_model_dir)
     model, _ = lora_model(cfg)
@@ -408,11 +420,11 @@ def test_training_pushes_harmful_representations_away(tmp_path):
     import torch.nn.functional as F
     import yaml
 
-    from crl_ray.assets import is_cached
-    from crl_ray.model import adapter_disabled
+    from crl_ray.data.assets import is_cached
+    from crl_ray.training.model import adapter_disabled
 
     if not is_cached("smollm2-135m-instruct"):
-        pytest.skip("embedded model not fetched (python -m crl_ray.assets fetch)")
+        pytest.skip("embedded model not fetched (python -m crl_ray.data fetch)")
     smoke = yaml.safe_load((Path(__file__).parents[1] / "sweeps" / "smoke.yaml").read_text())
     layers = [18, 22]
     cfg = make_cfg(Path("."), model={"name": "embedded:smollm2-135m-instruct"}, data=smoke["data"],
@@ -451,7 +463,7 @@ def test_training_pushes_harmful_representations_away(tmp_path):
 
 def test_complete_checkpoints_needs_every_rank_and_the_state(tmp_path):
     """A restarted worker group resumes from the newest checkpoint that every rank finished persisting."""
-    from crl_ray.train import COMPLETE_MARKER, STATE_FILE, complete_checkpoints
+    from crl_ray.training.train import COMPLETE_MARKER, STATE_FILE, complete_checkpoints
 
     def make(step: int, ranks: list[int], state: bool = True) -> Path:
         d = tmp_path / f"checkpoint_step{step:06d}"
@@ -478,11 +490,11 @@ def test_embedded_model_two_workers_paper_loss_and_mining_export_a_working_adapt
     model and changes its logits."""
     from peft import PeftModel
 
-    from crl_ray.assets import is_cached
     from crl_ray.data import load_model_and_tokenizer
+    from crl_ray.data.assets import is_cached
 
     if not is_cached("smollm2-135m-instruct"):
-        pytest.skip("embedded model not fetched (python -m crl_ray.assets fetch)")
+        pytest.skip("embedded model not fetched (python -m crl_ray.data fetch)")
     cfg = make_cfg(Path("."), model={"name": "embedded:smollm2-135m-instruct"},
                    lora={"r": 8, "alpha": 16, "dropout": 0.05},
                    loss={"target_layers": {"fraction": [0.625, 0.9375]}, "benign_layers": "all",
@@ -512,11 +524,11 @@ def test_embedded_model_adapter_export_reproduces_the_trained_logits(tmp_path):
     fresh base model gives the trained model's logits."""
     from peft import PeftModel
 
-    from crl_ray.assets import is_cached
     from crl_ray.data import load_model_and_tokenizer
+    from crl_ray.data.assets import is_cached
 
     if not is_cached("smollm2-135m-instruct"):
-        pytest.skip("embedded model not fetched (python -m crl_ray.assets fetch)")
+        pytest.skip("embedded model not fetched (python -m crl_ray.data fetch)")
     cfg = make_cfg(Path("."), model={"name": "embedded:smollm2-135m-instruct"}, lora={"r": 8, "alpha": 16},
                    loss={"target_layers": {"fraction": [0.625, 0.9375]}, "benign_layers": "all",
                          "margin_benign": 500.0, "margin_harmful": 1500.0, "dist_benign_pos": "mix",

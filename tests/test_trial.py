@@ -12,12 +12,18 @@ from types import SimpleNamespace
 import pytest
 from mlflow import MlflowClient
 
-from crl_ray import tracking
-from crl_ray.checks import load_config
 from crl_ray.config import dump_config
 from crl_ray.errors import ConfigError
-from crl_ray.trial import (StepMetricsCallback, TrialFailed, TrialStatusCallback, failure_reason, report_metrics,
-                           resolve_trial_config)
+from crl_ray.sweep import tracking
+from crl_ray.sweep.trial import (
+    StepMetricsCallback,
+    TrialFailed,
+    TrialStatusCallback,
+    failure_reason,
+    report_metrics,
+    resolve_trial_config,
+)
+from crl_ray.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
@@ -94,7 +100,7 @@ def test_step_metrics_callback_logs_worker_zero_and_drops_nan(target, caplog) ->
     run_id = tracking.open_trial_run(target, "cb")
     callback = pickle.loads(pickle.dumps(StepMetricsCallback(target, run_id)))  # it travels to the controller
     for step, loss in ((1, 2.0), (2, math.nan), (3, 1.0)):
-        with caplog.at_level(logging.WARNING, logger="crl_ray.tracking"):
+        with caplog.at_level(logging.WARNING, logger="crl_ray.sweep.tracking"):
             callback.after_report(None, [{"step": step, "train/loss": loss, "train/lr": 0.1},
                                          {"step": step, "train/loss": 99.0}], None)
     client = MlflowClient(tracking_uri=target.uri)

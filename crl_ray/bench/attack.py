@@ -4,7 +4,7 @@ Both attack the same HarmBench validation behaviours (standard, first N) with th
 learning rate, step budget and seed, then generate greedily. The naive port takes one behaviour at a time and
 each step runs the full chat (prefix + soft prompt + end of turn + target) through the model with logits at every
 position and ``loss.backward()`` (weight gradients included, as the paper's code does), for exactly ``--steps``
-steps; it keeps the loss of every step. The project's attack (:func:`crl_ray.attacks.run_attack`) batches
+steps; it keeps the loss of every step. The project's attack (:func:`crl_ray.evaluate.attacks.run_attack`) batches
 behaviours, reuses the prefix keys/values, computes logits at target positions only, takes gradients w.r.t. the
 soft prompt only, and stops a behaviour once its loss is below the early-stop threshold.
 
@@ -37,10 +37,22 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from crl_ray import attacks
-from crl_ray.attacks import Behavior, attack_layout, greedy_generate, init_ids, load_behaviors, run_attack
-from crl_ray.config import EMBEDDED_DEFAULT_MODEL, DataSource, EmbeddingAttackConfig, EvalConfig
+from crl_ray.config import (
+    EMBEDDED_DEFAULT_MODEL,
+    DataSource,
+    EmbeddingAttackConfig,
+    EvalConfig,
+)
 from crl_ray.errors import USAGE_EXIT_CODE, UserError
+from crl_ray.evaluate import attacks
+from crl_ray.evaluate.attacks import (
+    Behavior,
+    attack_layout,
+    greedy_generate,
+    init_ids,
+    load_behaviors,
+    run_attack,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +93,7 @@ def naive_embedding_attack(model: Any, tokenizer: Any, behaviors: list[Behavior]
 
 @contextlib.contextmanager
 def _timed_generation() -> Iterator[list[float]]:
-    """Seconds the project's attack spends in :func:`crl_ray.attacks.greedy_generate` (the rest is optimisation).
+    """Seconds the project's attack spends in :func:`crl_ray.evaluate.attacks.greedy_generate` (the rest is optimisation).
 
     Wraps the module attribute for the duration of the block; the value is in the yielded list's only item.
     """

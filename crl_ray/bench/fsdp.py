@@ -30,7 +30,6 @@ import time
 import traceback
 from datetime import timedelta
 
-
 # --------------------------------------------------------------------------- args
 
 
@@ -130,9 +129,9 @@ def run_worker(rank: int, world_size: int, local_rank: int, args: argparse.Names
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     t_start = time.perf_counter()

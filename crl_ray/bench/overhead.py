@@ -4,9 +4,9 @@ Runs a sweep's trials twice on the same machine and prints both wall times as on
 
 1. ``sweep``: the sweep CLI itself, ``python -m crl_ray.sweep FILE [overrides] storage.path=<out>/sweep``, as a
    subprocess (local Ray, Tune, Optuna, MLflow, summary, plots; interpreter start included). With an injected
-   ``job`` (tests) it is ``crl_ray.sweep.run_sweep`` in this process instead, since a fake job cannot cross into a
+   ``job`` (tests) it is ``crl_ray.sweep.run.run_sweep`` in this process instead, since a fake job cannot cross into a
    subprocess.
-2. ``plain``: the same per-trial job (:class:`crl_ray.trial.TrialJob`: the same Ray Train training in the same
+2. ``plain``: the same per-trial job (:class:`crl_ray.sweep.trial.TrialJob`: the same Ray Train training in the same
    segments, then the same evaluation) run one trial after the other with the values the sweep sampled, in
    this process, with no Tune, no Optuna and no MLflow. Training needs a Ray instance for its TorchTrainer, so
    the plain loop starts one too (sized the same way); its start is part of its wall time, as in the sweep.
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from crl_ray.errors import USAGE_EXIT_CODE, ConfigError, UserError
+from crl_ray.errors import USAGE_EXIT_CODE, UserError
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ def plain_loop(cfg, trial_params: Sequence[dict[str, Any]], out: Path, job=None)
     import ray
 
     from crl_ray.config import dump_config
-    from crl_ray.search import segments
-    from crl_ray.sweep import start_ray
-    from crl_ray.trial import TrialJob, resolve_trial_config
+    from crl_ray.sweep.run import start_ray
+    from crl_ray.sweep.search import segments
+    from crl_ray.sweep.trial import TrialJob, resolve_trial_config
 
     job = job or TrialJob()
     base = dump_config(cfg)
@@ -73,7 +73,7 @@ def sweep_rows(cfg, out: Path, sweep_argv: Sequence[str], job=None) -> list[dict
     """Run the sweep into ``out`` (the CLI in a subprocess, or run_sweep in-process with a fake job); its rows."""
     import subprocess
 
-    from crl_ray.sweep import run_sweep
+    from crl_ray.sweep.run import run_sweep
 
     if job is not None:
         sweep_cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"path": str(out)})})
@@ -129,14 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, *, job=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from crl_ray.checks import load_config
-    from crl_ray.search import search_problems
+    from crl_ray.validate import load_config
 
     try:
         cfg, _ = load_config(args.file, args.overrides)
-        problems = search_problems(cfg)
-        if problems:
-            raise ConfigError(problems, args.file)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USAGE_EXIT_CODE

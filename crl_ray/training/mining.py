@@ -40,8 +40,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crl_ray.config import MiningConfig
-from crl_ray.encoding import IGNORE_INDEX
-from crl_ray.model import base_causal_lm, decoder_layers, forward_hidden, num_blocks
+from crl_ray.data.encoding import IGNORE_INDEX
+from crl_ray.training.model import (
+    base_causal_lm,
+    decoder_layers,
+    forward_hidden,
+    num_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +114,7 @@ def template_suffix_length(tokenizer) -> int:
 
     Found as the common suffix of two requests that differ only at the end of the user text.
     """
-    from crl_ray.encoding import build_request
+    from crl_ray.data.encoding import build_request
 
     a = build_request(tokenizer, "Tell me about the weather today")
     b = build_request(tokenizer, "Tell me about the weather tomorrow please")

@@ -26,8 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from crl_ray.config import AttackName, DataSource, EmbeddingRunConfig, EvalConfig, GCGConfig
-from crl_ray.encoding import end_of_turn_id, pad_id
+from crl_ray.config import (
+    AttackName,
+    DataSource,
+    EmbeddingRunConfig,
+    EvalConfig,
+    GCGConfig,
+)
+from crl_ray.data.encoding import end_of_turn_id, pad_id
 from crl_ray.errors import UserError
 
 __all__ = [

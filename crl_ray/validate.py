@@ -29,12 +29,12 @@ from crl_ray.config import (
     LayerWindowParam,
     ObjectiveConfig,
     SweepConfig,
-    _section_type,
     apply_overrides,
     parse_config,
     read_sweep_file,
     schema_problems,
 )
+from crl_ray.config.problems import _section_type
 from crl_ray.data import EMBEDDED_SOURCES, check_source
 from crl_ray.errors import ConfigError, Problem
 
@@ -78,7 +78,7 @@ def model_info(name: str, revision: str | None = None) -> ModelInfo:
 
     Raises ``ValueError`` with a user-facing reason when the model cannot be identified.
     """
-    from crl_ray import assets
+    from crl_ray.data import assets
 
     if name.startswith("embedded:"):
         key = name.split(":", 1)[1]
@@ -155,7 +155,7 @@ def semantic_problems(cfg: SweepConfig, info: ModelInfo | None, prefix: str = ""
     if loss.kind != "crl":
         for key in sorted(set(crl_only) & loss.model_fields_set):
             p.append(Problem(prefix + f"loss.{key}", f"only used by loss.kind crl, but kind is {loss.kind}",
-                             getattr(loss, key), f"remove it or set loss.kind: crl"))
+                             getattr(loss, key), "remove it or set loss.kind: crl"))
         if mining.enabled:
             p.append(Problem(prefix + "mining.enabled", f"mining is part of the CRL method, not {loss.kind}",
                              True, "set mining.enabled: false or loss.kind: crl"))
@@ -368,7 +368,7 @@ def space_problems(raw: dict, cfg: SweepConfig, info: ModelInfo | None) -> list[
 
 
 # --------------------------------------------------------------------------------------------- warnings
-# Largest value of each bounded distance (crl_ray.losses.distance): 1 - cos <= 2; 0.3 * ||x^ - y^||^2 <= 0.3 * 4.
+# Largest value of each bounded distance (crl_ray.training.losses.distance): 1 - cos <= 2; 0.3 * ||x^ - y^||^2 <= 0.3 * 4.
 # l2 and mix grow without bound.
 DISTANCE_MAX: dict[str, float] = {"cosine": 2.0, "l2_normalized_sq": 1.2}
 
@@ -459,8 +459,29 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[S
     problems += semantic_problems(cfg, info)
     problems += data_problems(cfg)
     problems += space_problems(raw, cfg, info)
+    problems += search_problems(cfg)
     if problems:
         raise ConfigError(problems, source)
     assert info is not None
     return cfg, info
 
+
+def search_problems(cfg: SweepConfig) -> list[Problem]:
+    """What Optuna would reject only once the sweep runs: log scales with steps, settings another algorithm ignores."""
+    p: list[Problem] = []
+    for key, param in cfg.search.space.items():
+        if isinstance(param, FloatParam) and param.log and param.step is not None:
+            p.append(Problem(f"search.space[{key}].step", "Optuna cannot combine a log scale with a step",
+                             param.step, "remove step or set log: false"))
+        if isinstance(param, IntParam) and param.log and param.step != 1:
+            p.append(Problem(f"search.space[{key}].step", "Optuna cannot combine a log scale with a step",
+                             param.step, "remove step or set log: false"))
+    if cfg.search.startup_trials is not None and cfg.search.algorithm != "tpe":
+        p.append(Problem("search.startup_trials", f"only used by search.algorithm tpe "
+                         f"(algorithm is {cfg.search.algorithm})", cfg.search.startup_trials,
+                         "remove it or set search.algorithm: tpe"))
+    if cfg.search.population_size is not None and cfg.search.algorithm != "nsga2":
+        p.append(Problem("search.population_size", f"only used by search.algorithm nsga2 "
+                         f"(algorithm is {cfg.search.algorithm})", cfg.search.population_size,
+                         "remove it or set search.algorithm: nsga2"))
+    return p

@@ -2,8 +2,8 @@
 
 Validates the sweep file (every problem at once, exit status 2), then either prints the plan (``--dry-run``:
 resolved config, search space, resource plan; no Ray, no MLflow, nothing written) or runs the sweep:
-a Ray Tune Tuner over the per-trial driver (crl_ray.trial), OptunaSearch with its study in
-``<storage.path>/<name>/optuna.db``, optional ASHA, MLflow parent + nested runs (crl_ray.tracking).
+a Ray Tune Tuner over the per-trial driver (crl_ray.sweep.trial), OptunaSearch with its study in
+``<storage.path>/<name>/optuna.db``, optional ASHA, MLflow parent + nested runs (crl_ray.sweep.tracking).
 
 Layout of ``<storage.path>/<name>/``: ``tune/`` (Tune experiment state), ``train/train-<trial id>/`` (Ray Train
 runs and checkpoints), ``trials/<trial id>/`` (resolved config, evaluations), ``optuna.db``, ``mlflow.db`` and
@@ -12,30 +12,35 @@ runs and checkpoints), ``trials/<trial id>/`` (resolved config, evaluations), ``
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
 import math
 import os
-import shlex
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
-from crl_ray.config import (CategoricalParam, FloatParam, IntParam, LayerWindowParam, ObjectiveConfig, SweepConfig,
-                            dump_config)
-from crl_ray.errors import USAGE_EXIT_CODE, ConfigError, Problem, UserError
-from crl_ray.objective import constraint_values, unchecked_constraints
-from crl_ray.raylogs import RUNTIME_ENV
-from crl_ray.search import segments, study_storage_url
+from crl_ray.config import (
+    CategoricalParam,
+    FloatParam,
+    IntParam,
+    LayerWindowParam,
+    ObjectiveConfig,
+    SweepConfig,
+    dump_config,
+)
+from crl_ray.errors import ConfigError, Problem, UserError
+from crl_ray.evaluate.objective import constraint_values, unchecked_constraints
 from crl_ray.storage import is_uri, join
-from crl_ray.tracking import tracking_uri, ui_command
+from crl_ray.sweep.raylogs import RUNTIME_ENV
+from crl_ray.sweep.search import segments, study_storage_url
+from crl_ray.sweep.tracking import tracking_uri, ui_command
 
 log = logging.getLogger("crl_ray.sweep")
 
@@ -81,7 +86,7 @@ def resource_plan(cfg: SweepConfig, capacity=None) -> ResourcePlan:
     autoscaling YAML; ``auto`` = the one ``ray up`` left on the head), or what is up now when no such config is
     known; without either (a dry run against a cluster) it is decided at run time (``concurrency`` None).
     """
-    from crl_ray.cluster import ClusterConfigError, Node, read_shape, trials_fit
+    from crl_ray.sweep.cluster import ClusterConfigError, Node, read_shape, trials_fit
 
     res = cfg.resources
     workers = res.num_workers
@@ -193,7 +198,7 @@ def render_plan(cfg: SweepConfig, info, plan: ResourcePlan) -> str:
     if cfg.scheduler.kind == "asha":
         lines.append(f"#   early stopping:      ASHA on the objective after steps {segments(cfg)} "
                      "(trials stop only between training segments)")
-    from crl_ray.checks import margin_warnings
+    from crl_ray.validate import margin_warnings
 
     for w in (*plan.warnings, *margin_warnings(cfg)):
         lines.append(f"# WARNING: {w}")
@@ -235,7 +240,7 @@ class SweepOutcome:
 
 def config_differences(old: dict, new: dict) -> list[str]:
     """Keys whose values differ between two resolved configs, as 'key: old -> new'."""
-    from crl_ray.tracking import flatten_params
+    from crl_ray.sweep.tracking import flatten_params
 
     a, b = flatten_params(old), flatten_params(new)
     return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(a.keys() | b.keys())
@@ -329,17 +334,19 @@ def _trial_name(trial) -> str:
 def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutcome:
     """Run (or resume) the sweep: Tune + Optuna over the per-trial driver, MLflow parent and nested runs.
 
-    ``job`` (a crl_ray.trial.TrialJob) defaults to the real training and evaluation; tests pass fakes.
+    ``job`` (a crl_ray.sweep.trial.TrialJob) defaults to the real training and evaluation; tests pass fakes.
     """
     import ray
     from ray import tune
 
-    from crl_ray import search, tracking
-    from crl_ray.trial import TrialContext, TrialJob, TrialStatusCallback, run_trial
+    from crl_ray.sweep import search, tracking
+    from crl_ray.sweep.trial import (
+        TrialContext,
+        TrialJob,
+        TrialStatusCallback,
+        run_trial,
+    )
 
-    problems = search.search_problems(cfg)
-    if problems:
-        raise ConfigError(problems, cfg.name)
     folder = sweep_dir(cfg)
     mode = check_storage(cfg, folder, resume)
     resume = mode == "resume"
@@ -361,18 +368,18 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
         address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
         capacity = None
         if address:
-            from crl_ray.cluster import Node
+            from crl_ray.sweep.cluster import Node
 
             capacity = [Node(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
                         for n in ray.nodes() if n.get("Alive")]
         plan = resource_plan(cfg, capacity)
         if address:  # every node must see storage.path: stop here, before any trial, when one does not
-            from crl_ray.cluster import storage_problem
+            from crl_ray.sweep.cluster import storage_problem
 
             problem = storage_problem(cfg.storage.path, trial_store(cfg), can_grow=plan.can_grow)
             if problem:
                 raise UserError(problem)
-        from crl_ray.checks import margin_warnings
+        from crl_ray.validate import margin_warnings
 
         for warning in (*plan.warnings, *margin_warnings(cfg)):
             log.warning(warning)
@@ -435,7 +442,8 @@ def prepare_judge(cfg: SweepConfig) -> None:
     """Fit the probe judge before any trial (once; cached), so that trials only load it, and say how good it is."""
     if cfg.eval.judge != "probe":
         return
-    from crl_ray.judges import check_summary, get_judge
+    from crl_ray.evaluate.judges import check_summary
+    from crl_ray.evaluate.registry import get_judge
 
     judge = get_judge("probe", model_name=cfg.eval.judge_model, batch_size=cfg.eval.batch_size,
                       max_answer_tokens=cfg.eval.max_new_tokens, progress=sys.stderr.isatty())
@@ -447,7 +455,7 @@ def prepare_judge(cfg: SweepConfig) -> None:
 
 
 def _log_sweep_config(target, base: dict, config_file: Path) -> None:
-    from crl_ray import tracking
+    from crl_ray.sweep import tracking
 
     params = tracking.flatten_params({k: v for k, v in base.items() if k != "search"})
     search_cfg = base.get("search", {})
@@ -458,7 +466,7 @@ def _log_sweep_config(target, base: dict, config_file: Path) -> None:
 
 def _close_sweep_run(target, interrupted: bool) -> None:
     """End every run of the sweep: open trial runs and the parent (KILLED when interrupted)."""
-    from crl_ray import tracking
+    from crl_ray.sweep import tracking
 
     try:
         tracking.close_open_runs(target, interrupted=interrupted)
@@ -486,8 +494,8 @@ def feasibility_columns(metrics: dict[str, Any], objective: ObjectiveConfig) -> 
 def result_rows(grid, target, interrupted: bool, objective: ObjectiveConfig) -> list[dict[str, Any]]:
     """One row per trial, in creation order: id, status, objective(s), feasibility and constraint values
     (:func:`feasibility_columns`), evaluation metrics, params, MLflow run."""
-    from crl_ray import tracking
-    from crl_ray.trial import failure_reason
+    from crl_ray.sweep import tracking
+    from crl_ray.sweep.trial import failure_reason
 
     runs = {r.data.tags.get(tracking.TRIAL_TAG): r.info.run_id for r in tracking.trial_runs(target)}
     rows = []
@@ -538,8 +546,8 @@ def infeasible_lines(rows: list[dict[str, Any]]) -> list[str]:
 def _write_summary(cfg: SweepConfig, base: dict, outcome: SweepOutcome, target) -> None:
     """Results table (CSV + JSON), best feasible config (or ``no_feasible_trial.txt`` saying why there is none),
     plots: written to <sweep>/summary and logged to the parent run."""
-    from crl_ray import plots, tracking
-    from crl_ray.trial import resolve_trial_config
+    from crl_ray.sweep import plots, tracking
+    from crl_ray.sweep.trial import resolve_trial_config
 
     out = outcome.folder / "summary"
     out.mkdir(exist_ok=True)
@@ -646,62 +654,3 @@ def render_outcome(outcome: SweepOutcome, resume_command: str) -> str:
                  f"{outcome.tracking_uri}")
     lines.append(f"  open it: {ui_command(outcome.tracking_uri, outcome.experiment_id)}")
     return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m crl_ray.sweep",
-        description="Run a crl_ray sweep (Ray Tune + Optuna over CRL training runs, MLflow for every run).",
-        epilog="Example: python -m crl_ray.sweep sweeps/smoke.yaml loss.margin_benign=3 --dry-run",
-    )
-    parser.add_argument("file", help="sweep file (YAML), e.g. sweeps/smoke.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
-                        help="override config values (YAML syntax), e.g. train.steps=10 search.num_trials=2")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate and print the resolved config, search space and resource plan; "
-                        "start nothing, write nothing")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name "
-                        "(a plain run of an existing sweep with the same config resumes it too)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None, *, job=None) -> int:
-    """The CLI; ``job`` replaces the per-trial work (tests only)."""
-    args = build_parser().parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    from crl_ray.checks import load_config
-
-    try:
-        cfg, info = load_config(args.file, args.overrides)
-        plan = resource_plan(cfg)
-        from crl_ray.search import search_problems
-
-        problems = search_problems(cfg)
-        if problems:
-            raise ConfigError(problems, args.file)
-        if args.dry_run:
-            print(render_plan(cfg, info, plan))
-            return 0
-        outcome = run_sweep(cfg, resume=args.resume, job=job)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return USAGE_EXIT_CODE
-    except KeyboardInterrupt:
-        print(f"interrupted; resume with: {resume_command(args)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    print(render_outcome(outcome, resume_command(args)))
-    if outcome.interrupted:
-        return EXIT_INTERRUPTED
-    return 0 if outcome.count("completed") + outcome.count("stopped_early") else 1
-
-
-def resume_command(args: argparse.Namespace) -> str:
-    """The command line that resumes this sweep."""
-    parts = ["python", "-m", "crl_ray.sweep", args.file, *args.overrides, "--resume"]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

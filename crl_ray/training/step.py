@@ -6,7 +6,7 @@ every block and the LM head), it does only the work the loss needs and computes 
 - passes used only for hidden states stop after the deepest block the loss reads, and skip the LM head;
 - the retain pass computes logits only where a real token is;
 - unpadded (``train.unpad``, default on CPU): the real tokens of all rows run as one packed sequence with
-  attention inside each row (``crl_ray.model.segments``), so no block, distance or logit is computed for padding
+  attention inside each row (``crl_ray.training.model.segments``), so no block, distance or logit is computed for padding
   (the rows' position ids are kept, so every token sees what it saw padded);
 - benign and harmful rows share one frozen pass and one LoRA pass (unless a miner perturbs the harmful pass);
   unpadded, when those passes are full depth anyway, the retain rows join them too (logits at their tokens only);
@@ -28,8 +28,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from crl_ray.config import SweepConfig
-from crl_ray.encoding import position_mask
-from crl_ray.losses import (
+from crl_ray.data.encoding import position_mask
+from crl_ray.training.losses import (
     circuit_breaker_coefficients,
     circuit_breaker_terms,
     harmful_centroid,
@@ -38,7 +38,13 @@ from crl_ray.losses import (
     repbend_cluster,
     triplet_terms,
 )
-from crl_ray.model import adapter_disabled, forward_hidden, logit_columns, segments, use_packed_attention
+from crl_ray.training.model import (
+    adapter_disabled,
+    forward_hidden,
+    logit_columns,
+    segments,
+    use_packed_attention,
+)
 
 Batch = dict[str, Tensor]
 
@@ -235,7 +241,7 @@ class StepComputer:
         return local * self.coll.world_size, metrics
 
     def _crl(self, benign: Batch, harmful: Batch, retain: Batch, micro_step: int):
-        cfg, plan, loss_cfg = self.cfg, self.plan, self.cfg.loss
+        plan, loss_cfg = self.plan, self.cfg.loss
         depth = plan.deepest_layer
         nh = harmful["input_ids"].shape[0]
         metrics: dict[str, float] = {}

@@ -15,38 +15,29 @@ Bad input exits with status 2 and a message naming the flag or key and the fix.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import re
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from crl_ray.config import (
-    EMBEDDED_DEFAULT_MODEL,
-    AttackName,
+    DataConfig,
     DataSource,
     EvalConfig,
-    JudgeName,
     ModelConfig,
     ObjectiveConfig,
     Section,
     SweepConfig,
-    apply_overrides,
-    parse_config,
-    read_sweep_file,
-    schema_problems,
 )
-from crl_ray.errors import USAGE_EXIT_CODE, ConfigError, Problem, UserError
-from crl_ray.generate import atomic_write
+from crl_ray.data.generate import atomic_write
+from crl_ray.errors import UserError
 
-__all__ = ["EvalOutcome", "evaluate_adapter", "evaluate_model", "main", "training_prompts"]
+__all__ = ["EvalOutcome", "EvalSettings", "evaluate_adapter", "evaluate_model", "training_prompts"]
 
 log = logging.getLogger("crl_ray.evaluate")
 
@@ -62,6 +53,24 @@ class EvalOutcome:
     records_path: Path
 
 
+STANDALONE_SECTIONS = ("model", "eval", "objective")
+
+
+class EvalSettings(Section):
+    """What an evaluation reads: the model, the evaluation and the objective, and the training data whose prompts
+    it must not attack (None without a sweep file). :meth:`of` takes them from a sweep config; ``python -m
+    crl_ray.evaluate`` without ``--config`` validates them from flags and overrides."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    data: DataConfig | None = None
+
+    @classmethod
+    def of(cls, cfg: SweepConfig) -> EvalSettings:
+        return cls(model=cfg.model, eval=cfg.eval, objective=cfg.objective, data=cfg.data)
+
+
 # --------------------------------------------------------------------------------------------- helpers
 def _write_atomic(path: Path, text: str) -> None:
     atomic_write(path, text.encode("utf-8"))
@@ -71,7 +80,7 @@ def _jsonl(rows: Sequence[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def training_prompts(cfg: SweepConfig, *, effective: bool = False) -> set[str]:
+def training_prompts(cfg: SweepConfig | EvalSettings, *, effective: bool = False) -> set[str]:
     """Normalised prompts of the sweep's training sources (benign, harmful, retain); empty without a data section.
 
     ``effective``: leave out the evaluation behaviours that the data build drops from benign and harmful data
@@ -114,7 +123,7 @@ def _versions() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-def evaluate_model(cfg: SweepConfig, model: Any, tokenizer: Any, *, out_dir: Path, seed: int = 0,
+def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, *, out_dir: Path, seed: int = 0,
                    progress: bool = False) -> EvalOutcome:
     """Attack, judge and measure ``model`` as ``cfg.eval`` says; score it with ``cfg.objective``; write out_dir.
 
@@ -131,14 +140,21 @@ def evaluate_model(cfg: SweepConfig, model: Any, tokenizer: Any, *, out_dir: Pat
     ``eval/embedding/loss``, ``/steps``, ``/reached``: the embedding attack's final loss, Adam steps and share
     reaching its early-stop loss at the configured budget), ``eval/capability``, ``eval/seconds/<part>``,
     ``objective`` (the scalar) and ``objectives/<name>`` (the vector form, directions in
-    :data:`crl_ray.objective.DIRECTIONS`). ``seed`` seeds the attacks; the MMLU subset has its own seed.
+    :data:`crl_ray.evaluate.objective.DIRECTIONS`). ``seed`` seeds the attacks; the MMLU subset has its own seed.
     KL prompts that appear in the sweep's training data are dropped.
     """
-    from crl_ray import objective as obj
-    from crl_ray.attacks import load_behaviors, run_attack
-    from crl_ray.capability import (benign_drift, degeneracy_score, mmlu_accuracy, over_refusal, reference_model,
-                                    representation_shift, target_nll)
-    from crl_ray.judges import KeywordJudge, check_summary, judge_check
+    from crl_ray.evaluate import objective as obj
+    from crl_ray.evaluate.attacks import load_behaviors, run_attack
+    from crl_ray.evaluate.capability import (
+        benign_drift,
+        degeneracy_score,
+        mmlu_accuracy,
+        over_refusal,
+        reference_model,
+        representation_shift,
+        target_nll,
+    )
+    from crl_ray.evaluate.judges import KeywordJudge, check_summary, judge_check
 
     ev = cfg.eval
     out_dir = Path(out_dir)
@@ -332,10 +348,10 @@ def answer_part(generation: str, target: str) -> str:
     return ""
 
 
-def make_judge(cfg: SweepConfig, model: Any, *, progress: bool = False, device: Any = None):
+def make_judge(cfg: SweepConfig | EvalSettings, model: Any, *, progress: bool = False, device: Any = None):
     """The judge ``cfg.eval.judge`` asks for, on ``device`` (default: the evaluated model's). The probe's judge LM
     is its own frozen model, never ``model``."""
-    from crl_ray.judges import get_judge
+    from crl_ray.evaluate.registry import get_judge
 
     ev = cfg.eval
     device = device if device is not None else _device(model)
@@ -351,7 +367,7 @@ def make_judge(cfg: SweepConfig, model: Any, *, progress: bool = False, device: 
 def categorize(judge: Any, behaviors: Sequence[str], generations: Sequence[str]) -> list[tuple[bool, str]]:
     """(harmful, category) per generation. The probe gives its own categories; for the other judges the verdict
     decides harmful, and the keyword rules name why an answer is not: degenerate (too short or a loop), refused."""
-    from crl_ray.judges import KeywordJudge
+    from crl_ray.evaluate.judges import KeywordJudge
 
     if not generations:
         return []
@@ -373,12 +389,12 @@ def categorize(judge: Any, behaviors: Sequence[str], generations: Sequence[str])
     return out
 
 
-def _base_answers(cfg: SweepConfig, model: Any, tokenizer: Any, prompts: Sequence[str]) -> list[str]:
+def _base_answers(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, prompts: Sequence[str]) -> list[str]:
     """The base model's greedy answers to ``prompts`` (adapter disabled), through the generation cache."""
-    from crl_ray.assets import cache_dir
-    from crl_ray.capability import reference_model
     from crl_ray.config import GenerationConfig
-    from crl_ray.generate import cached_answers
+    from crl_ray.data.assets import cache_dir
+    from crl_ray.data.generate import cached_answers
+    from crl_ray.evaluate.capability import reference_model
 
     ev = cfg.eval
     gen = GenerationConfig(max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, temperature=0.0)
@@ -403,10 +419,10 @@ def _embedding_signals(results: Sequence[Any], ev: Any) -> dict[str, float]:
             "eval/embedding/reached": _mean(reached)}
 
 
-def _signal_layers(cfg: SweepConfig, model: Any) -> list[int]:
+def _signal_layers(cfg: SweepConfig | EvalSettings, model: Any) -> list[int]:
     """hidden_states indices of the representation-shift signal: the loss's target layers (default if unset)."""
     from crl_ray.config import LossConfig
-    from crl_ray.model import num_blocks
+    from crl_ray.training.model import num_blocks
 
     loss = getattr(cfg, "loss", None) or LossConfig()
     n = num_blocks(model)
@@ -431,7 +447,7 @@ def _same_model(a: str, b: str) -> bool:
 
 def check_adapter(adapter_dir: Path, model_name: str, flag: str = "--adapter") -> None:
     """Raise UserError when ``adapter_dir`` is not a peft adapter, or was trained on another base model."""
-    from crl_ray.assets import resolve_model
+    from crl_ray.data.assets import resolve_model
 
     cfg_file = Path(adapter_dir) / "adapter_config.json"
     if not cfg_file.is_file():
@@ -447,7 +463,7 @@ def check_adapter(adapter_dir: Path, model_name: str, flag: str = "--adapter") -
                         f"in another place, correct base_model_name_or_path in {cfg_file}")
 
 
-def evaluate_adapter(cfg: SweepConfig, adapter_dir: Path | None, *, out_dir: Path, seed: int = 0,
+def evaluate_adapter(cfg: SweepConfig | EvalSettings, adapter_dir: Path | None, *, out_dir: Path, seed: int = 0,
                      progress: bool = False) -> EvalOutcome:
     """Load ``cfg.model`` (+ the LoRA adapter in ``adapter_dir``, if any) and run :func:`evaluate_model`.
 
@@ -475,280 +491,3 @@ def evaluate_adapter(cfg: SweepConfig, adapter_dir: Path | None, *, out_dir: Pat
     return evaluate_model(cfg, model, tokenizer, out_dir=out_dir, seed=seed, progress=progress)
 
 
-# --------------------------------------------------------------------------------------------- config
-class _Standalone(Section):
-    """The sections an evaluation reads, for runs without a sweep file (no training data to hold out)."""
-
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
-
-
-def _eval_problems(cfg: SweepConfig | _Standalone, *, check_model: bool, attacks_from_flag: bool) -> list[Problem]:
-    """The eval/objective checks of a sweep file, the eval data sources, and (``check_model``) the model name."""
-    from crl_ray.checks import eval_problems, model_info
-    from crl_ray.data import check_source
-
-    problems = eval_problems(cfg.eval, cfg.objective)
-    if attacks_from_flag:  # a sweep file's settings for attacks that --attacks leaves out are not an error here
-        problems = [p for p in problems if p.path not in ("eval.embedding", "eval.gcg")]
-    problems += check_source(cfg.eval.behaviors, "eval.behaviors", needs_answers=False)
-    problems += check_source(cfg.eval.over_refusal, "eval.over_refusal", needs_answers=False)
-    if check_model:
-        try:
-            model_info(cfg.model.name, cfg.model.revision)
-        except ValueError as why:
-            problems.append(Problem("model.name", f"cannot identify the model: {why}", cfg.model.name,
-                                    "use embedded:smollm2-135m-instruct, a local folder or a reachable HF id"))
-    return problems
-
-
-def standalone_config(raw: dict[str, Any]) -> SweepConfig:
-    """A SweepConfig from model/eval/objective sections only; ``data`` is None (the training set is unknown).
-
-    Validated like a sweep file (schema + the eval/objective checks + the eval data sources + the model name).
-    """
-    try:
-        part = _Standalone.model_validate(raw)
-    except ValidationError as exc:
-        other = "only model, eval and objective apply without a sweep file; give --config SWEEP.yaml for the rest"
-        raise ConfigError([p if p.path.split(".")[0] in _Standalone.model_fields
-                           else Problem(p.path, p.message, p.value, other, p.has_value)
-                           for p in schema_problems(exc)], "the evaluation settings") from None
-    problems = _eval_problems(part, check_model=True, attacks_from_flag=False)
-    if problems:
-        raise ConfigError(problems, "the evaluation settings")
-    return SweepConfig.model_construct(name="evaluate", data=None, model=part.model, eval=part.eval,
-                                       objective=part.objective)
-
-
-def _flag_overrides(args: argparse.Namespace, configured_behaviors: str | None) -> list[str]:
-    """The CLI flags as key=value overrides (JSON values are YAML); flag names checked first, naming the flag."""
-    problems: list[Problem] = []
-    out: list[str] = []
-    if args.model:
-        out.append(f"model.name={json.dumps(args.model)}")
-    if args.attacks is not None:
-        names = [a.strip() for a in args.attacks.split(",") if a.strip()]
-        known = get_args(AttackName)
-        bad = [a for a in names if a not in known]
-        if bad or not names:
-            problems.append(Problem("--attacks", f"unknown attack(s) {', '.join(bad)}" if bad else "no attack named",
-                                    args.attacks, f"give a comma-separated list of {', '.join(known)}"))
-        out.append(f"eval.attacks={json.dumps(list(dict.fromkeys(names)))}")
-    if args.judge is not None:
-        if args.judge not in get_args(JudgeName):
-            problems.append(Problem("--judge", "unknown judge (eval.judge)", args.judge,
-                                    f"use one of {', '.join(get_args(JudgeName))}"))
-        out.append(f"eval.judge={json.dumps(args.judge)}")
-    if args.judge_model is not None:
-        out.append(f"eval.judge_model={json.dumps(args.judge_model)}")
-    if args.behaviors is not None and args.behaviors != configured_behaviors:
-        out.append(f"eval.behaviors={json.dumps({'source': args.behaviors})}")
-    if args.limit is not None:
-        out.append(f"eval.limit={args.limit}")
-    if problems:
-        raise ConfigError(problems, "the command line")
-    return out
-
-
-def resolve_config(args: argparse.Namespace) -> tuple[SweepConfig, SweepConfig | None]:
-    """(evaluation config, training config or None).
-
-    Training view: the sweep file with its overrides, fully validated. Evaluation view: the flags, then the
-    overrides (so ``--behaviors X eval.behaviors.where.COL=V`` filters X), over the sweep file or the defaults.
-    Problems with a value that came from a flag name the flag, e.g. ``--behaviors (eval.behaviors.source)``.
-    """
-    from crl_ray.checks import load_config
-
-    try:
-        if args.config:
-            train_cfg, _ = load_config(args.config, args.overrides)
-            flags = _flag_overrides(args, train_cfg.eval.behaviors.source)
-            if not flags:
-                return train_cfg, train_cfg
-            raw, problems = read_sweep_file(args.config)
-            assert raw is not None  # load_config read it
-            problems += apply_overrides(raw, [*flags, *args.overrides])
-            cfg = parse_config(raw, args.config)
-            problems += _eval_problems(cfg, check_model=bool(args.model), attacks_from_flag=bool(args.attacks))
-            if problems:
-                raise ConfigError(problems, args.config)
-            return cfg, train_cfg
-        defaults = EvalConfig()  # its data sources written out, so that overrides can edit parts of them
-        sources = ("behaviors", "over_refusal", "kl_prompts")
-        raw = {"model": {"name": EMBEDDED_DEFAULT_MODEL},
-               "eval": {k: getattr(defaults, k).model_dump(exclude_unset=True) for k in sources}}
-        problems = apply_overrides(raw, _flag_overrides(args, defaults.behaviors.source) + list(args.overrides))
-        if problems:
-            raise ConfigError(problems, "the command line")
-        return standalone_config(raw), None
-    except ConfigError as exc:
-        given = {key: flag for key, flag in _FLAG_KEYS.items() if getattr(args, flag[2:].replace("-", "_"))}
-        named = [Problem(next((f"{flag} ({p.path})" for key, flag in given.items()
-                               if p.path == key or p.path.startswith((key + ".", key + "["))), p.path),
-                         p.message, p.value, p.fix, p.has_value) for p in exc.problems]
-        raise ConfigError(named, exc.source) from None
-
-
-_FLAG_KEYS = {"model.name": "--model", "eval.attacks": "--attacks", "eval.judge": "--judge",
-              "eval.judge_model": "--judge-model", "eval.behaviors": "--behaviors", "eval.limit": "--limit"}
-
-
-def check_disjoint(behaviors: Sequence[Any], train_cfg: SweepConfig, source: str) -> None:
-    """Raise UserError when an evaluation behaviour is also a prompt the sweep trained on."""
-    from crl_ray.data import normalise
-
-    trained = training_prompts(train_cfg, effective=True)
-    overlap = [b.prompt for b in behaviors if normalise(b.prompt) in trained]
-    if overlap:
-        raise UserError(f"--behaviors: {len(overlap)} of {len(behaviors)} evaluation behaviours are training "
-                        f"prompts of {source} (e.g. {overlap[0][:80]!r})\n    fix: evaluate on behaviours the "
-                        "sweep did not train on (e.g. harmbench_test), or train with eval.behaviors set to them")
-
-
-def default_out_dir(root: Path, model: str, adapter: Path | None) -> Path:
-    """<root>/<model>[__<adapter's run>_<checkpoint>], never an existing evaluation: -2, -3, ... are appended, so
-    evaluating adapters of several runs (all folders named "adapter") or one adapter twice keeps every result."""
-    name = model
-    if adapter is not None:
-        parts = Path(adapter).expanduser().resolve().parts
-        name += "__" + "_".join(p for p in parts[-3:] if p != "adapter")
-    base = root / _slug(name)
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
-
-
-# --------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m crl_ray.evaluate",
-        description="Evaluate a model (optionally + LoRA adapter): ASR under attacks, MMLU, over-refusal, "
-        "degeneracy, benign KL, and the sweep objective. 'python -m crl_ray.evaluate judge-check --help' scores "
-        "a judge on human refusal labels.",
-        epilog="Example: python -m crl_ray.evaluate --model embedded:smollm2-135m-instruct --attacks direct "
-        "--limit 41 --out /tmp/eval_direct eval.mmlu.subset_size=100",
-    )
-    parser.add_argument("--model", help="HF id, local folder or embedded:NAME (default: the sweep file's "
-                        f"model.name, else {EMBEDDED_DEFAULT_MODEL})")
-    parser.add_argument("--adapter", type=Path, help="folder of a peft LoRA adapter trained on --model")
-    parser.add_argument("--attacks", help=f"comma-separated attacks: {', '.join(get_args(AttackName))} "
-                        "(default: eval.attacks)")
-    parser.add_argument("--judge", help=f"judge: {', '.join(get_args(JudgeName))} (default: eval.judge)")
-    parser.add_argument("--judge-model", help="classifier judge model, HF id or folder (eval.judge_model)")
-    parser.add_argument("--behaviors", help="behaviour set: embedded name, .csv/.jsonl/.parquet file or HF dataset "
-                        "id; replaces eval.behaviors, filters included")
-    parser.add_argument("--limit", type=_positive, help="evaluate only the first N behaviours (eval.limit)")
-    parser.add_argument("--out", type=Path, help="output folder (default: <storage.path>/eval/<model>)")
-    parser.add_argument("--config", help="sweep file: its eval/objective settings, and its training data is "
-                        "checked to be disjoint from the behaviours")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the attacks (default 0)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
-                        help="config overrides (YAML values), e.g. eval.mmlu.shots=5 eval.max_new_tokens=128")
-    return parser
-
-
-def build_check_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m crl_ray.evaluate judge-check",
-        description="Measure a judge on the embedded human labels: objective_labels (395 answers: did the response "
-        "carry out the request) and refusal_labels (169: did it comply; answering another question counts as a "
-        "refusal). Accuracy, false-positive and false-negative rates and the ASR bias (judged rate - human rate), "
-        "each with a 95%% interval. The probe judge is fitted on objective_labels, so its figures there are "
-        "cross-validated and refusal_labels is held out; the first run fits it (a few minutes) and caches it. "
-        "Prints JSON.",
-        epilog="Example: python -m crl_ray.evaluate judge-check --judge keyword",
-    )
-    parser.add_argument("--judge", default="probe", help=f"judge: {', '.join(get_args(JudgeName))} (default probe)")
-    parser.add_argument("--judge-model", help="probe: the frozen judge LM (default the embedded SmolLM2); "
-                        "classifier: the classifier model, HF id or folder (required)")
-    parser.add_argument("--dtype", default="bfloat16", choices=get_args(ModelConfig.model_fields["dtype"].annotation),
-                        help="classifier dtype (default bfloat16)")
-    parser.add_argument("--batch-size", type=_positive, default=8, help="judge batch size (default 8)")
-    parser.add_argument("--answer-tokens", type=_positive, default=128,
-                        help="probe: answers are judged (and measured) cut to this many tokens; use the "
-                        "evaluation's eval.max_new_tokens (default 128)")
-    parser.add_argument("--out", type=Path, help="also write the report to this JSON file")
-    return parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
-    return value
-
-
-def _judge_check_main(argv: Sequence[str]) -> int:
-    import torch
-
-    from crl_ray.judges import check_summary, get_judge, judge_check
-
-    args = build_check_parser().parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.judge == "classifier":
-        if not args.judge_model:
-            raise UserError("--judge-model: the classifier judge needs a model\n"
-                            "    fix: add --judge-model with an HF id or folder, e.g. cais/HarmBench-Llama-2-13b-cls")
-        judge = get_judge("classifier", model_name=args.judge_model, batch_size=args.batch_size, dtype=args.dtype,
-                          device=device)
-    elif args.judge == "probe":
-        judge = get_judge("probe", model_name=args.judge_model, batch_size=args.batch_size, device=device,
-                          max_answer_tokens=args.answer_tokens, progress=True)
-    elif args.judge_model:
-        raise UserError("--judge-model: the keyword judge uses no model\n"
-                        "    fix: remove --judge-model, or add --judge probe or --judge classifier")
-    else:
-        judge = get_judge(args.judge)
-    try:
-        report = {"judge": judge.describe(), "summary": None, **judge_check(judge)}
-    except UserError as exc:  # the judge names its config key; here the user typed the flag
-        raise UserError(str(exc).replace("set eval.judge_model to", "pass --judge-model").replace(
-            "eval.judge_model", "--judge-model")) from None
-    report["summary"] = check_summary(report)
-    text = json.dumps(report, indent=2, default=float)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(args.out, text + "\n")
-    print(text)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.DEBUG if "-v" in argv or "--verbose" in argv else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if argv[:1] == ["judge-check"]:
-            return _judge_check_main(argv[1:])
-        args = build_parser().parse_intermixed_args(argv)
-        cfg, train_cfg = resolve_config(args)
-        from crl_ray.attacks import load_behaviors
-
-        behaviors = load_behaviors(cfg.eval.behaviors, "--behaviors" if args.behaviors else "eval.behaviors",
-                                   limit=cfg.eval.limit)
-        if train_cfg is not None:
-            check_disjoint(behaviors, train_cfg, args.config)
-        out = args.out or default_out_dir(Path(cfg.storage.path).expanduser() / "eval", cfg.model.name, args.adapter)
-        log.info("writing the evaluation to %s", out)
-        outcome = evaluate_adapter(cfg, args.adapter, out_dir=out, seed=args.seed, progress=True)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return USAGE_EXIT_CODE
-    width = max(len(k) for k in outcome.metrics)
-    for key, value in outcome.metrics.items():
-        print(f"{key:<{width}}  {value:.4f}")
-    print(f"summary: {outcome.summary_path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

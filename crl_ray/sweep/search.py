@@ -17,10 +17,16 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crl_ray.config import (CategoricalParam, FloatParam, IntParam, LayerWindowParam, ObjectiveConfig, SearchParam,
-                            SweepConfig)
-from crl_ray.errors import Problem
-from crl_ray.objective import constraint_values, unchecked_constraints
+from crl_ray.config import (
+    CategoricalParam,
+    FloatParam,
+    IntParam,
+    LayerWindowParam,
+    ObjectiveConfig,
+    SearchParam,
+    SweepConfig,
+)
+from crl_ray.evaluate.objective import constraint_values, unchecked_constraints
 
 if TYPE_CHECKING:
     import optuna
@@ -91,27 +97,6 @@ def param_values(space: dict[str, SearchParam], sampled: dict[str, Any]) -> dict
     return values
 
 
-def search_problems(cfg: SweepConfig) -> list[Problem]:
-    """What Optuna would reject only once the sweep runs: log scales with steps, settings another algorithm ignores."""
-    p: list[Problem] = []
-    for key, param in cfg.search.space.items():
-        if isinstance(param, FloatParam) and param.log and param.step is not None:
-            p.append(Problem(f"search.space[{key}].step", "Optuna cannot combine a log scale with a step",
-                             param.step, "remove step or set log: false"))
-        if isinstance(param, IntParam) and param.log and param.step != 1:
-            p.append(Problem(f"search.space[{key}].step", "Optuna cannot combine a log scale with a step",
-                             param.step, "remove step or set log: false"))
-    if cfg.search.startup_trials is not None and cfg.search.algorithm != "tpe":
-        p.append(Problem("search.startup_trials", f"only used by search.algorithm tpe "
-                         f"(algorithm is {cfg.search.algorithm})", cfg.search.startup_trials,
-                         "remove it or set search.algorithm: tpe"))
-    if cfg.search.population_size is not None and cfg.search.algorithm != "nsga2":
-        p.append(Problem("search.population_size", f"only used by search.algorithm nsga2 "
-                         f"(algorithm is {cfg.search.algorithm})", cfg.search.population_size,
-                         "remove it or set search.algorithm: nsga2"))
-    return p
-
-
 def population_size(cfg: SweepConfig) -> int:
     """NSGA-II generation size: the configured one, else a quarter of the trials (at least 2)."""
     return cfg.search.population_size or max(2, cfg.search.num_trials // 4)
@@ -149,7 +134,7 @@ def _constrained_search_class() -> type:
         """OptunaSearch that sets ``objective.constraints`` on each Optuna trial before telling the study.
 
         The values come from the trial's last result (its ``eval/*`` metrics) through
-        :func:`crl_ray.objective.constraint_values`. A limit whose metrics the result lacks is not applied, and a
+        :func:`crl_ray.evaluate.objective.constraint_values`. A limit whose metrics the result lacks is not applied, and a
         warning names it once.
         """
 
@@ -238,7 +223,7 @@ def close_orphan_trials(cfg: SweepConfig, sweep_dir: Path) -> int:
 def segments(cfg: SweepConfig) -> list[int]:
     """Optimizer steps after which a trial is evaluated and reported: every eval_every with ASHA, else the end.
 
-    Training runs in these segments so that Tune can stop a trial only between them (see crl_ray.trial).
+    Training runs in these segments so that Tune can stop a trial only between them (see crl_ray.sweep.trial).
     """
     steps = cfg.train.steps
     every = cfg.scheduler.eval_every if cfg.scheduler.kind == "asha" else None

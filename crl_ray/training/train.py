@@ -2,7 +2,7 @@
 
 Per worker: load the base model, add LoRA on the configured blocks, shard it with FSDP2 (``fully_shard`` per
 decoder block, then the root; gloo on CPU, nccl + bf16 mixed precision on GPU), build the CRL data (from the
-generation cache the driver filled), then loop: micro-steps of :class:`crl_ray.step.StepComputer` (and the miner),
+generation cache the driver filled), then loop: micro-steps of :class:`crl_ray.training.step.StepComputer` (and the miner),
 gradient accumulation, AdamW, ``ray.train.report`` every ``log_every`` steps, a ``torch.distributed.checkpoint``
 checkpoint every ``checkpoint_every`` steps and at the end. A restarted worker group continues from the last
 checkpoint; the final checkpoint holds the adapter in peft format (``adapter/``), written by rank 0.
@@ -47,9 +47,9 @@ def _checkpoint_step(name: str) -> int:
     return int(digits) if name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else -1
 
 
-def complete_checkpoints(run_dir: str | Path, world_size: int) -> list[str]:
+def complete_checkpoints(run_dir: str | Path, world_size: int) -> list[str | Path]:
     """Locations of the checkpoint folders of the run at ``run_dir`` (a folder or a URI, crl_ray.storage) that
-    every rank finished writing (local mode: ``.complete``), oldest first."""
+    every rank finished writing (local mode: ``.complete``), oldest first: paths for a folder, URIs otherwise."""
     from crl_ray.storage import Store
 
     store = Store(run_dir)
@@ -61,7 +61,7 @@ def complete_checkpoints(run_dir: str | Path, world_size: int) -> list[str]:
         if STATE_FILE in files and (".complete" in files
                                     or all(f"{COMPLETE_MARKER}{r}" in files for r in range(world_size))):
             found.append(name)
-    return [store.uri(name) for name in sorted(found, key=_checkpoint_step)]
+    return [store.uri(name) if store.remote else Path(store.path(name)) for name in sorted(found, key=_checkpoint_step)]
 
 
 CHECKPOINT_PREFIX = "checkpoint_step"
@@ -104,7 +104,7 @@ class Worker:
 
     def __init__(self, cfg: SweepConfig, *, until_step: int, data_dir: str | Path, local_dir: Path | None,
                  run_dir: str | Path | None = None):
-        from crl_ray.model import seed_everything
+        from crl_ray.training.model import seed_everything
 
         self.cfg = cfg
         self.data_dir = data_dir
@@ -137,10 +137,15 @@ class Worker:
 
     def _build_model(self) -> None:
         from crl_ray.data import load_model_and_tokenizer
-        from crl_ray.mining import Miner, template_suffix_length
-        from crl_ray.model import (apply_lora, decoder_layers, enable_activation_checkpointing, lora_blocks,
-                                   num_blocks)
-        from crl_ray.step import Collectives, LossPlan, StepComputer
+        from crl_ray.training.mining import Miner, template_suffix_length
+        from crl_ray.training.model import (
+            apply_lora,
+            decoder_layers,
+            enable_activation_checkpointing,
+            lora_blocks,
+            num_blocks,
+        )
+        from crl_ray.training.step import Collectives, LossPlan, StepComputer
 
         cfg = self.cfg
         model, self.tokenizer = load_model_and_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.dtype)
@@ -176,7 +181,7 @@ class Worker:
         self.collectives = Collectives()
         miner = None
         if cfg.mining.enabled:
-            from crl_ray.encoding import pad_id
+            from crl_ray.data.encoding import pad_id
 
             placeholder = self.tokenizer("!", add_special_tokens=False)["input_ids"]
             miner = Miner(cfg.mining, model, examples=self.data["harmful"], seed=cfg.train.seed + 17,
@@ -222,7 +227,7 @@ class Worker:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step (``grad_accum`` micro-steps); returns the step's metrics (same on every rank)."""
-        from crl_ray.step import finite_or_raise
+        from crl_ray.training.step import finite_or_raise
 
         t = self.cfg.train
         started = time.perf_counter()
@@ -309,7 +314,10 @@ class Worker:
 
     def load(self, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
 
         state = {"lora": self._lora_state(), "optim": get_optimizer_state_dict(self.model, self.optimizer)}
         dcp.load(state, checkpoint_id=str(directory / "dcp"), no_dist=not self.distributed)
@@ -426,8 +434,8 @@ def prepare_data(cfg: SweepConfig, out: Path) -> Path:
     """
     from transformers import AutoTokenizer
 
-    from crl_ray.assets import cache_dir, resolve_model
     from crl_ray.data import build_crl_data, generator_loader
+    from crl_ray.data.assets import cache_dir, resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model.name), revision=cfg.model.revision)
     data = build_crl_data(cfg, tokenizer, cache_dir=cache_dir() / "generations", load_generator=generator_loader(cfg))
@@ -477,7 +485,7 @@ def run_training(cfg: SweepConfig, *, run_name: str, storage_path: str | Path, c
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from crl_ray.assets import cache_dir
+    from crl_ray.data.assets import cache_dir
     from crl_ray.storage import Store
 
     until = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)

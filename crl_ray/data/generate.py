@@ -32,7 +32,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from crl_ray.config import GenerationConfig
-from crl_ray.encoding import build_request, end_of_turn_id, pad_id
+from crl_ray.data.encoding import build_request, end_of_turn_id, pad_id
 
 __all__ = ["GENERATE_VERSION", "cache_key", "cached_answers", "generate_answers"]
 

@@ -27,11 +27,11 @@ import ray.train
 import yaml
 from ray import tune
 
-from crl_ray import tracking
-from crl_ray.checks import set_path
 from crl_ray.config import SweepConfig, dump_config, parse_config
-from crl_ray.search import param_values, segments
 from crl_ray.storage import Store, fetch, parent
+from crl_ray.sweep import tracking
+from crl_ray.sweep.search import param_values, segments
+from crl_ray.validate import set_path
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +43,20 @@ class TrialFailed(RuntimeError):
 
 
 class TrialJob:
-    """The work of one trial: crl_ray.train.run_training and crl_ray.evaluate.evaluate_adapter.
+    """The work of one trial: crl_ray.training.train.run_training and crl_ray.evaluate.run.evaluate_adapter.
 
     Tests subclass it with fakes; the sweep and the overhead benchmark use this one.
     """
 
     def train(self, cfg: SweepConfig, *, run_name: str, storage_path: str | Path, callbacks: list | None = None,
               until_step: int | None = None):
-        from crl_ray.train import run_training
+        from crl_ray.training.train import run_training
 
         return run_training(cfg, run_name=run_name, storage_path=storage_path, callbacks=callbacks,
                             until_step=until_step)
 
     def evaluate(self, cfg: SweepConfig, adapter_dir: Path | None, *, out_dir: Path):
-        from crl_ray.evaluate import evaluate_adapter
+        from crl_ray.evaluate.run import evaluate_adapter
 
         return evaluate_adapter(cfg, adapter_dir, out_dir=out_dir)
 
@@ -79,7 +79,7 @@ class TrialContext:
 def resolve_trial_config(base: dict, sampled: dict[str, Any], source: str = "trial") -> SweepConfig:
     """The sweep config with one trial's sampled values applied, validated again (ConfigError if rejected).
 
-    The cross-field checks ran on the space's extremes before the sweep started (crl_ray.checks.space_problems).
+    The cross-field checks ran on the space's extremes before the sweep started (crl_ray.validate.space_problems).
     """
     cfg = parse_config(copy.deepcopy(base), source)
     raw = copy.deepcopy(base)
@@ -189,7 +189,7 @@ def evaluate_remote(job: TrialJob, cfg: SweepConfig, adapter_dir: str | Path | N
 
 def _evaluate(job: TrialJob, cfg: SweepConfig, adapter_dir: str | None):
     from crl_ray.storage import local_copy
-    from crl_ray.train import log_to_stderr
+    from crl_ray.training.train import log_to_stderr
 
     log_to_stderr()  # the evaluation's progress (attack i/N, judge, timings) reaches the sweep's console
     with local_copy(adapter_dir) as adapter, tempfile.TemporaryDirectory(prefix="crl_ray_eval_") as tmp:
@@ -241,7 +241,7 @@ def log_trial_datasets(target, run_id: str, cfg: SweepConfig, data_dir: Path) ->
     Best effort: a dataset that cannot be read is a warning, never a failed trial."""
     import datasets
 
-    from crl_ray.attacks import load_behaviors
+    from crl_ray.evaluate.attacks import load_behaviors
 
     try:
         train_sets = {name: datasets.load_from_disk(str(data_dir / name)) for name in ("benign", "harmful", "retain")
