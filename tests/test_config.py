@@ -330,3 +330,23 @@ def test_restart_refuses_when_optuna_holds_finished_trials_without_tune_state(tm
     study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
     with pytest.raises(UserError, match="finished Optuna trials but no Tune state"):
         sweep.check_storage(cfg, folder, resume=False)
+
+
+def test_resources_derive_each_value_in_one_place(monkeypatch) -> None:
+    """ResourcesConfig owns the Ray address and the per-trial / per-task resources (sweep, trial and training
+    read them from here)."""
+    from crl_ray.config import ResourcesConfig
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cpu = ResourcesConfig(num_workers=2, cpus_per_worker=3)
+    assert cpu.address() is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cpu.address() == "10.0.0.1:6379"
+    assert ResourcesConfig(ray_address="auto").address() == "auto"  # the file wins over the environment
+    assert cpu.per_trial() == (6.0, 0.0)
+    assert cpu.worker_task() == {"num_cpus": 3.0}
+    assert cpu.evaluation_task() == {"num_cpus": 6.0}  # on CPU the evaluation gets every worker's cores
+    gpu = ResourcesConfig(num_workers=4, cpus_per_worker=2, use_gpu=True, gpus_per_worker=0.5)
+    assert gpu.per_trial() == (8.0, 2.0)
+    assert gpu.worker_task() == gpu.evaluation_task() == {"num_cpus": 2.0, "num_gpus": 0.5}
+    assert ResourcesConfig(num_workers=0, cpus_per_worker=2).per_trial() == (2.0, 0.0)  # in-process: one worker

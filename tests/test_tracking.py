@@ -41,6 +41,26 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch) -> None:
     assert command.endswith("# then open http://127.0.0.1:5000")
     assert tracking.ui_command("sqlite:////x/mlflow.db", "7").endswith("http://127.0.0.1:5000/#/experiments/7/runs")
     assert "http://h:5000/#/experiments/7/runs in a browser" in tracking.ui_command("http://h:5000/", "7")
+    assert tracking.ui_command("sqlite:////x/mlflow.db", "7", "crl_ray-smoke").endswith(
+        "http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=crl_ray-smoke")
+
+
+def test_sweep_view_shows_the_trials_with_their_numbers(tmp_path) -> None:
+    """The saved view (an experiment tag the MLflow UI reads for ?viewStateShareKey=): parent expanded, sorted
+    by objective, the objective, ASR per attack, capability and sampled values as the first columns."""
+    import json
+
+    view = tracking.sweep_view("abc", ["direct", "embedding"], ["train.lr"])
+    assert view["runsExpanded"] == {"abc": True} and view["orderByKey"] == "metrics.`objective`"
+    assert view["orderByAsc"] is False and view["columnOrder"] == view["selectedColumns"]
+    assert view["selectedColumns"][:5] == ["metrics.`objective`", "metrics.`feasible`", "metrics.`eval/asr/max`",
+                                           "metrics.`eval/asr/direct`", "metrics.`eval/asr/embedding`"]
+    assert "params.`sampled.train.lr`" in view["selectedColumns"] and "attributes.`Dataset`" in view["selectedColumns"]
+    assert tracking.view_key("my sweep/1") == "crl_ray-my_sweep_1"
+    target = tracking.open_sweep_run(f"sqlite:///{tmp_path / 'm.db'}", "exp", "s1", resume=False, commit="x")
+    key = tracking.save_sweep_view(target, ["direct"], [])
+    tags = target.client().get_experiment(target.experiment_id).tags
+    assert json.loads(tags[tracking.VIEW_TAG_PREFIX + key])["runsExpanded"] == {target.parent_run_id: True}
 
 
 def test_flatten_params_has_no_nested_values() -> None:

@@ -7,6 +7,7 @@ Defaults come from the paper (Simko et al., EMNLP 2025, appendix) unless a comme
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -307,6 +308,26 @@ class ResourcesConfig(Section):
         if isinstance(self.max_concurrent_trials, int) and self.max_concurrent_trials < 1:
             raise ValueError("max_concurrent_trials < 1; use a number >= 1 or auto")
         return self
+
+    # the one owner of each value derived from this section
+    def address(self) -> str | None:
+        """The Ray cluster to join: ray_address, else $RAY_ADDRESS; None = start a local Ray."""
+        return self.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+    def per_trial(self) -> tuple[float, float]:
+        """(CPUs, GPUs) of a trial's workers (an in-process trial counts as one worker)."""
+        units = max(self.num_workers, 1)
+        return units * self.cpus_per_worker, (units * self.gpus_per_worker if self.use_gpu else 0.0)
+
+    def worker_task(self) -> dict[str, float]:
+        """Ray task options with one training worker's resources (its GPU when use_gpu): the data task."""
+        return {"num_cpus": self.cpus_per_worker, **({"num_gpus": self.gpus_per_worker} if self.use_gpu else {})}
+
+    def evaluation_task(self) -> dict[str, float]:
+        """Ray task options of a trial's evaluation: one worker's GPU share on GPUs, else all the trial's CPUs."""
+        if self.use_gpu:
+            return self.worker_task()
+        return {"num_cpus": self.per_trial()[0]}
 
 
 # --------------------------------------------------------------------------------------------- eval

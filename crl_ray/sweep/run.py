@@ -90,11 +90,10 @@ def resource_plan(cfg: SweepConfig, capacity=None) -> ResourcePlan:
 
     res = cfg.resources
     workers = res.num_workers
-    units = max(workers, 1)
-    cpus = DRIVER_CPUS + units * res.cpus_per_worker
-    gpus = units * res.gpus_per_worker if res.use_gpu else 0.0
+    worker_cpus, gpus = res.per_trial()
+    cpus = DRIVER_CPUS + worker_cpus
     gpw = res.gpus_per_worker if res.use_gpu else 0.0
-    address = res.ray_address or os.environ.get("RAY_ADDRESS")
+    address = res.address()
     warnings: list[str] = []
     trials = cfg.search.num_trials
 
@@ -133,7 +132,7 @@ def resource_plan(cfg: SweepConfig, capacity=None) -> ResourcePlan:
         upper = fit(shape.nodes) if shape is not None else None
         now = fit(now_nodes) if now_nodes is not None else None
         if upper == 0 and not now:
-            warnings.append(f"one trial needs {units} worker(s) x ({res.cpus_per_worker:g} CPU, {gpw:g} GPU) but "
+            warnings.append(f"one trial needs {max(workers, 1)} worker(s) x ({res.cpus_per_worker:g} CPU, {gpw:g} GPU) but "
                             f"even the largest cluster {shape.source} allows ({shape.described}) cannot hold it: "
                             "add or enlarge a node type, or lower resources.num_workers")
         if upper is not None:
@@ -233,6 +232,7 @@ class SweepOutcome:
     interrupted: bool = False
     wall_s: float = 0.0
     experiment_id: str = ""
+    view: str | None = None  # the MLflow UI view saved for this sweep (tracking.save_sweep_view)
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.rows if r["status"] == status)
@@ -303,7 +303,7 @@ def start_ray(cfg: SweepConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
+    address = cfg.resources.address()
     if address:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=RUNTIME_ENV)
         return True
@@ -365,7 +365,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
     target = None
     interrupted = True
     try:
-        address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
+        address = cfg.resources.address()
         capacity = None
         if address:
             from crl_ray.sweep.cluster import Node
@@ -390,6 +390,11 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
         base = dump_config(cfg)
         if not resume:
             _log_sweep_config(target, base, folder / CONFIG_FILE)
+        try:
+            view = tracking.save_sweep_view(target, list(cfg.eval.attacks), list(cfg.search.space))
+        except Exception as exc:  # a view is a convenience: never stop the sweep for it
+            log.warning("could not save the sweep's MLflow view: %s", exc)
+            view = None
         ctx = TrialContext(base=base, sweep_dir=str(folder), target=target, job=job or TrialJob(),
                            store=trial_store(cfg))
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
@@ -423,7 +428,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
         interrupted = (watch.seen or len(grid) < cfg.search.num_trials
                        or grid.num_terminated + grid.num_errors < len(grid))
         outcome = SweepOutcome(cfg.name, folder, uri, experiment, target.parent_run_id, interrupted=interrupted,
-                               experiment_id=target.experiment_id)
+                               experiment_id=target.experiment_id, view=view)
         outcome.rows = result_rows(grid, target, interrupted, cfg.objective)
         if not interrupted:
             search.close_orphan_trials(cfg, folder)
@@ -652,5 +657,5 @@ def render_outcome(outcome: SweepOutcome, resume_command: str) -> str:
                      f"no best config (see {outcome.folder / 'summary' / 'no_feasible_trial.txt'})")
     lines.append(f"MLflow: experiment {outcome.experiment!r}, sweep run {outcome.parent_run_id} at "
                  f"{outcome.tracking_uri}")
-    lines.append(f"  open it: {ui_command(outcome.tracking_uri, outcome.experiment_id)}")
+    lines.append(f"  open it: {ui_command(outcome.tracking_uri, outcome.experiment_id, outcome.view)}")
     return "\n".join(lines)

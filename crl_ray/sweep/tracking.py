@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -44,10 +45,41 @@ def tracking_uri(mlflow_uri: str | None, sweep_dir: Path) -> str:
     return f"sqlite:///{Path(sweep_dir).resolve() / 'mlflow.db'}"
 
 
-def ui_command(uri: str, experiment_id: str = "") -> str:
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # the MLflow UI opens the view stored in this experiment tag for
+# ``#/experiments/<id>/runs?viewStateShareKey=<key>`` (a JSON view state: columns, expanded runs, sort order)
+
+
+def view_key(sweep: str) -> str:
+    return "crl_ray-" + re.sub(r"[^A-Za-z0-9_.-]", "_", sweep)
+
+
+def sweep_view(parent_run_id: str, attacks: list[str], sampled: list[str]) -> dict[str, Any]:
+    """The sweep's saved view of the runs table: its parent run expanded (the trials visible), sorted by objective,
+    with the objective, feasibility, ASR per attack, capability, over-refusal, degeneracy, KL and the sampled
+    values as columns, and the Dataset column."""
+    metrics = ["objective", "feasible", "eval/asr/max", *[f"eval/asr/{a}" for a in attacks], "eval/capability",
+               "eval/over_refusal", "eval/degeneracy", "eval/kl_benign"]
+    columns = ([f"metrics.`{m}`" for m in metrics] + [f"params.`sampled.{k}`" for k in sampled]
+               + ["attributes.`Dataset`"])
+    return {"selectedColumns": columns, "columnOrder": columns, "runsExpanded": {parent_run_id: True},
+            "orderByKey": "metrics.`objective`", "orderByAsc": False}
+
+
+def save_sweep_view(target: TrackingTarget, attacks: list[str], sampled: list[str]) -> str:
+    """Store :func:`sweep_view` in the experiment; returns its key (for :func:`ui_command`)."""
+    key = view_key(target.sweep)
+    target.client().set_experiment_tag(target.experiment_id, VIEW_TAG_PREFIX + key,
+                                       json.dumps(sweep_view(target.parent_run_id, attacks, sampled)))
+    return key
+
+
+def ui_command(uri: str, experiment_id: str = "", view: str | None = None) -> str:
     """The command (or address) that shows the sweep's runs in the MLflow UI: the experiment's runs table
-    (``#/experiments/<id>/runs``; the experiment's root page opens on MLflow 3's GenAI trace overview)."""
+    (``#/experiments/<id>/runs``; the experiment's root page opens on MLflow 3's GenAI trace overview), in the
+    sweep's saved view when ``view`` names one."""
     page = f"/#/experiments/{experiment_id}/runs" if experiment_id else ""
+    if page and view:
+        page += f"?viewStateShareKey={view}"
     if uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')}{page} in a browser (on a cluster: forward the port first, see docs/CLUSTER.md)"
     exe = Path(sys.executable).with_name("mlflow")  # the mlflow of this environment (e.g. .venv/bin/mlflow)
@@ -273,9 +305,18 @@ def log_datasets(target: TrackingTarget, run_id: str, datasets: dict[str, Any], 
     from mlflow.entities import DatasetInput, InputTag
 
     inputs = []
-    for name, ds in datasets.items():
-        with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a local folder either way
-            warnings.simplefilter("ignore", UserWarning)
-            dataset = from_huggingface(ds, name=name, source=source)
-        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    # MLflow cannot infer a column schema for token-id lists and warns about it once per column and call (dozens
+    # of lines per trial); the dataset is recorded all the same, without a schema
+    schema_log = logging.getLogger("mlflow.data.huggingface_dataset")
+    level = schema_log.level
+    schema_log.setLevel(logging.ERROR)
+    try:
+        for name, ds in datasets.items():
+            with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a local folder anyway
+                warnings.simplefilter("ignore", UserWarning)
+                dataset = from_huggingface(ds, name=name, source=source)
+                entity = dataset._to_mlflow_entity()
+            inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)]))
+    finally:
+        schema_log.setLevel(level)
     target.client().log_inputs(run_id, datasets=inputs)

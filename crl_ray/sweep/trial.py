@@ -168,16 +168,10 @@ def evaluate_remote(job: TrialJob, cfg: SweepConfig, adapter_dir: str | Path | N
     returns them, and this function writes them into ``out_dir`` (on the driver's node) and points the outcome at
     them.
     """
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from crl_ray.training.train import run_task
 
-    res = cfg.resources
-    if res.use_gpu:
-        options = {"num_cpus": res.cpus_per_worker, "num_gpus": res.gpus_per_worker}
-    else:
-        options = {"num_cpus": max(res.num_workers, 1) * res.cpus_per_worker}
-    task = ray.remote(max_calls=1)(_evaluate).options(
-        **options, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    outcome, files = ray.get(task.remote(job, cfg, None if adapter_dir is None else str(adapter_dir)))
+    outcome, files = run_task(_evaluate, cfg.resources.evaluation_task(), job, cfg,
+                              None if adapter_dir is None else str(adapter_dir))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
@@ -273,18 +267,20 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         tracking.log_artifacts(target, run_id, [(config_file, None)])
         done = _restored_step()
         store = Store(ctx.trial_store)
+        data_logged = False
         for until in segments(cfg):
             if until <= done:
                 continue
             train_store = store.uri("train") if store.remote else Path(store.path("train"))
             outcome = ctx.job.train(cfg, run_name=f"train-{trial_id}", storage_path=train_store,
                                     callbacks=[StepMetricsCallback(target, run_id)], until_step=until)
-            if outcome.data_provenance is not None:
+            if outcome.data_provenance is not None and not data_logged:  # the same data in every segment
                 data_dir = fetch(parent(outcome.data_provenance), trial_dir / "data")  # a copy for an object store
                 if (data_dir / "provenance.json").is_file():
                     log_data_provenance(target, run_id, data_dir / "provenance.json")
-                    if until == next(iter(segments(cfg))):
+                    if until == next(iter(segments(cfg))):  # a resumed trial logged its datasets already
                         log_trial_datasets(target, run_id, cfg, data_dir)
+                data_logged = True
             eval_dir = trial_dir / f"eval-step{until}"
             evaluation = evaluate_remote(ctx.job, cfg, outcome.adapter_dir, eval_dir)
             if store.remote:  # the records beside the checkpoints, as in a folder store

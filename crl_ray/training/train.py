@@ -454,14 +454,18 @@ def prepare_data_on_a_worker(cfg: SweepConfig, out: str | Path) -> str:
     the caller's placement group: answers that are not cached yet are generated there in the model's dtype, not on
     the CPU head that runs the trial drivers. ``out`` is a location in the run's storage (a folder every node sees,
     or an object-store URI: the task prepares a local copy and uploads it); returns it."""
+    return run_task(_prepare_data_task, cfg.resources.worker_task(), cfg, str(out))
+
+
+def run_task(fn, options: dict[str, float], *args: Any) -> Any:
+    """``fn(*args)`` as a Ray task with ``options`` (resources), outside the caller's placement group (a trial
+    driver's), in a fresh worker process (max_calls=1) that frees its memory when done; returns its result."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    res = cfg.resources
-    options = {"num_cpus": res.cpus_per_worker, **({"num_gpus": res.gpus_per_worker} if res.use_gpu else {})}
-    task = ray.remote(max_calls=1)(_prepare_data_task).options(
+    task = ray.remote(max_calls=1)(fn).options(
         **options, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    return ray.get(task.remote(cfg, str(out)))
+    return ray.get(task.remote(*args))
 
 
 def _prepare_data_task(cfg: SweepConfig, out: str) -> str:
