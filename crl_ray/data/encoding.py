@@ -81,6 +81,14 @@ def pad_id(tokenizer: Any) -> int:
     raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
 
 
+def stop_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: the end-of-turn token, and EOS when it differs."""
+    ids = [end_of_turn_id(tokenizer)]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
 def end_of_turn_id(tokenizer: Any) -> int:
     """The token that closes an assistant turn (ChatML ``<|im_end|>``, Llama-3 ``<|eot_id|>``, ...).
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -32,7 +30,8 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from crl_ray.config import GenerationConfig
-from crl_ray.data.encoding import build_request, end_of_turn_id, pad_id
+from crl_ray.data.encoding import build_request, pad_id, stop_ids
+from crl_ray.storage import atomic_write
 
 __all__ = ["GENERATE_VERSION", "cache_key", "cached_answers", "generate_answers"]
 
@@ -42,18 +41,12 @@ logger = logging.getLogger(__name__)
 GENERATE_VERSION = "1"
 
 
-def _device(model: Any) -> torch.device:
+def model_device(model: Any) -> torch.device:
+    """The device of ``model``'s parameters (CPU for a model without any)."""
     try:
         return next(model.parameters()).device
     except StopIteration:  # pragma: no cover - a model without parameters
         return torch.device("cpu")
-
-
-def _stop_ids(tokenizer: Any) -> list[int]:
-    ids = [end_of_turn_id(tokenizer)]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(int(tokenizer.eos_token_id))
-    return ids
 
 
 def generate_answers(
@@ -77,7 +70,7 @@ def generate_answers(
     prompts = list(prompts)
     if not prompts:
         return []
-    stop = _stop_ids(tokenizer)
+    stop = stop_ids(tokenizer)
     pad = pad_id(tokenizer)
     sample = cfg.temperature > 0
     # Every decoding knob is set explicitly: generate() fills unset (None) fields from the model's own
@@ -98,7 +91,7 @@ def generate_answers(
         bos_token_id=None,
         **(sampling if sample else greedy),
     )
-    device = _device(model)
+    device = model_device(model)
     requests = [build_request(tokenizer, p, system) for p in prompts]
     # longest first: batches of similar length waste less compute on padding; answers go back to prompt order
     order = sorted(range(len(prompts)), key=lambda i: -len(requests[i]))
@@ -155,20 +148,6 @@ def cache_key(
     }
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a synced temporary file in the same folder and a rename (never half-written)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_cache(data_path: Path, meta_path: Path, prompts: list[str]) -> list[str] | None:
@@ -248,7 +227,7 @@ def cached_answers(
             "answers_sha256": hashlib.sha256(lines).hexdigest(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "generate_version": GENERATE_VERSION,
-            "versions": _versions(),
+            "versions": library_versions(),
             "host": platform.node(),
             "generation_seconds": round(time.perf_counter() - started, 3),
         }
@@ -256,7 +235,10 @@ def cached_answers(
     return answers
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """The versions that can change a model's outputs, recorded beside answers and evaluations."""
+    import peft
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version()}

@@ -33,7 +33,8 @@ from crl_ray.config import (
     EvalConfig,
     GCGConfig,
 )
-from crl_ray.data.encoding import end_of_turn_id, pad_id
+from crl_ray.data.encoding import pad_id, stop_ids
+from crl_ray.data.generate import model_device
 from crl_ray.errors import UserError
 
 __all__ = [
@@ -215,13 +216,9 @@ def _cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def _embed(model: Any, ids: Sequence[int]) -> Tensor:
-    return model.get_input_embeddings()(torch.tensor(list(ids), dtype=torch.long, device=_device(model)))
+    return model.get_input_embeddings()(torch.tensor(list(ids), dtype=torch.long, device=model_device(model)))
 
 
 @dataclass
@@ -240,7 +237,7 @@ class Prefix:
 @torch.no_grad()
 def encode_prefix(model: Any, rows: Sequence[Sequence[int]], pad: int) -> Prefix:
     """Run the prefix tokens once (left padded, positions counting real tokens only) and keep their keys/values."""
-    device = _device(model)
+    device = model_device(model)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
     mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
@@ -298,13 +295,6 @@ def _tail(model: Any, layouts: Sequence[AttackLayout], labels: Tensor) -> Tensor
 
 
 # ============================================================================================ generation
-def _stop_ids(tokenizer: Any) -> set[int]:
-    ids = {end_of_turn_id(tokenizer)}
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
-
-
 @torch.no_grad()
 def greedy_generate(model: Any, tokenizer: Any, inputs: Sequence[Tensor], *, max_new_tokens: int,
                     batch_size: int) -> list[str]:
@@ -313,8 +303,8 @@ def greedy_generate(model: Any, tokenizer: Any, inputs: Sequence[Tensor], *, max
     Rows are left padded in batches of ``batch_size``; each stops at the end-of-turn/eos token (not included) or
     after ``max_new_tokens``. Only the last position gets logits. Decoded without special tokens.
     """
-    stop = _stop_ids(tokenizer)
-    stop_t = torch.tensor(sorted(stop), device=_device(model))
+    stop = set(stop_ids(tokenizer))
+    stop_t = torch.tensor(sorted(stop), device=model_device(model))
     kw = _cache_kwarg(model)
     answers: list[str] = []
     for start in range(0, len(inputs), batch_size):
@@ -375,7 +365,7 @@ def optimise_soft_prompts(model: Any, tokenizer: Any, layouts: Sequence[AttackLa
     of its own loss, so results match one-at-a-time runs.
     ``prefixes`` (one per batch, from :func:`encode_prefix`) may be passed to share them across configurations.
     """
-    pad, device = pad_id(tokenizer), _device(model)
+    pad, device = pad_id(tokenizer), model_device(model)
     dtype = model.get_input_embeddings().weight.dtype
     init = _embed(model, init_ids(tokenizer, run.init, soft_prompt_tokens)).detach().float()
     results: list[SoftPromptResult] = []
@@ -512,7 +502,7 @@ def gcg_suffix(model: Any, tokenizer: Any, layout: AttackLayout, cfg: GCGConfig,
     best becomes the current suffix.
     The returned suffix is the lowest-loss one seen, so its loss never exceeds the initial suffix's.
     """
-    device, pad = _device(model), pad_id(tokenizer)
+    device, pad = model_device(model), pad_id(tokenizer)
     weight = model.get_input_embeddings().weight
     prefix = encode_prefix(model, [layout.before_ids], pad)
     labels = _targets([layout], device)
@@ -626,7 +616,7 @@ def run_attack(name: str, model: Any, tokenizer: Any, behaviors: list[Behavior],
     was_training = model.training
     model.eval()
     runs = len(cfg.embedding.runs()) if name == "embedding" else 1
-    device = _device(model)
+    device = model_device(model)
     cuda = [device.index or 0] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda), tqdm(total=len(behaviors) * runs, desc=f"{name} attack",

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from crl_ray.config import DataSource, GenerationConfig, MMLUConfig
 from crl_ray.data.encoding import build_request, end_of_turn_id, pad_id
+from crl_ray.data.generate import model_device
 from crl_ray.errors import UserError
 
 __all__ = [
@@ -59,10 +60,6 @@ DEGENERACY_N = 3  # n-gram length of the degeneracy score: long enough that ordi
 
 
 # --------------------------------------------------------------------------------------------- batching
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
 def right_padded(seqs: Sequence[Sequence[int]], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, lengths) of right-padded sequences.
 
@@ -88,7 +85,7 @@ def _batches(seqs: Sequence[Sequence[int]], batch_size: int, desc: str,
 
 def _logits(model: Any, seqs: Sequence[Sequence[int]], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
     input_ids, attention_mask, lengths = right_padded(seqs, tokenizer)
-    device = _device(model)
+    device = model_device(model)
     out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
     return out.logits.float(), lengths.to(device)
 
@@ -471,7 +468,7 @@ def representation_shift(model: Any, tokenizer: Any, prompts: Sequence[str], lay
     try:
         for idx in _batches(seqs, batch_size, "representation shift", False):
             ids, mask, _ = right_padded([seqs[i] for i in idx], tokenizer)
-            ids, mask = ids.to(_device(model)), mask.to(_device(model))
+            ids, mask = ids.to(model_device(model)), mask.to(model_device(model))
             with reference_model(model) as ref:
                 h0 = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
             h = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states

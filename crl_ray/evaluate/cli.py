@@ -33,10 +33,10 @@ from crl_ray.errors import USAGE_EXIT_CODE, ConfigError, Problem, UserError
 from crl_ray.evaluate.run import (
     STANDALONE_SECTIONS,
     EvalSettings,
-    _write_atomic,
     evaluate_adapter,
     training_prompts,
 )
+from crl_ray.storage import atomic_write
 
 log = logging.getLogger("crl_ray.evaluate")
 
@@ -274,7 +274,7 @@ def _judge_check_main(argv: Sequence[str]) -> int:
     text = json.dumps(report, indent=2, default=float)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(args.out, text + "\n")
+        atomic_write(args.out, (text + "\n").encode("utf-8"))
     print(text)
     return 0
 

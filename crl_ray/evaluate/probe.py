@@ -278,7 +278,7 @@ class ProbeJudge(Judge):
             return self._fit
         from filelock import FileLock
 
-        from crl_ray.data.generate import atomic_write
+        from crl_ray.storage import atomic_write
 
         path = self._cache_file() if self.cache else None
         if path is not None:

@@ -34,8 +34,9 @@ from crl_ray.config import (
     Section,
     SweepConfig,
 )
-from crl_ray.data.generate import atomic_write
+from crl_ray.data.generate import library_versions, model_device
 from crl_ray.errors import UserError
+from crl_ray.storage import atomic_write
 
 __all__ = ["EvalOutcome", "EvalSettings", "evaluate_adapter", "evaluate_model", "training_prompts"]
 
@@ -108,18 +109,6 @@ def _prompts(src: DataSource, path: str, limit: int | None, exclude: set[str] = 
         raise UserError(f"{path}: no prompts left after dropping training prompts\n"
                         "    fix: use a source with prompts the sweep did not train on")
     return prompts
-
-
-def _device(model: Any) -> Any:
-    return next(model.parameters()).device
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -211,7 +200,7 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
 
     # Everything that needs the evaluated model is done: judge now. A classifier judge (HarmBench's is 13B) gets
     # the GPU the evaluated model no longer needs.
-    device = _device(model)
+    device = model_device(model)
     if ev.judge == "classifier" and device.type == "cuda":
         import torch
 
@@ -315,7 +304,7 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
         "metrics": metrics,
         "settings": {"eval": ev.model_dump(mode="json"), "objective": cfg.objective.model_dump(mode="json")},
         "files": {"records": records_path.name, "over_refusal": "over_refusal.jsonl"},
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     summary_path = out_dir / "summary.json"
     _write_atomic(summary_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
@@ -354,7 +343,7 @@ def make_judge(cfg: SweepConfig | EvalSettings, model: Any, *, progress: bool = 
     from crl_ray.evaluate.registry import get_judge
 
     ev = cfg.eval
-    device = device if device is not None else _device(model)
+    device = device if device is not None else model_device(model)
     if ev.judge == "classifier":
         return get_judge("classifier", model_name=ev.judge_model, batch_size=ev.batch_size, dtype=cfg.model.dtype,
                          device=device, progress=progress)

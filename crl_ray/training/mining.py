@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from crl_ray.config import MiningConfig
 from crl_ray.data.encoding import IGNORE_INDEX
+from crl_ray.data.generate import model_device
 from crl_ray.training.model import (
     base_causal_lm,
     decoder_layers,
@@ -192,7 +193,7 @@ class Miner:
 
     # ------------------------------------------------------------------ attack construction and hooks
     def _device(self) -> torch.device:
-        return next(p for p in self.model.parameters()).device
+        return model_device(self.model)
 
     def _fresh_attack(self) -> None:
         cfg = self.cfg

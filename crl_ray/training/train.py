@@ -144,6 +144,7 @@ class Worker:
             enable_activation_checkpointing,
             lora_blocks,
             num_blocks,
+            trainable_parameters,
         )
         from crl_ray.training.step import Collectives, LossPlan, StepComputer
 
@@ -177,7 +178,7 @@ class Worker:
         if self.sharded:
             self.fsdp_root.reshard()
         self.model = model
-        self.trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.trainable = trainable_parameters(model)
         self.collectives = Collectives()
         miner = None
         if cfg.mining.enabled:
