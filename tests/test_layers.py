@@ -20,7 +20,8 @@ STAGES = [
     ("benchmarks", {"bench"}),
 ]
 STAGE_OF = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}
-PURE_TORCH = {"training/losses.py", "training/model.py", "training/mining.py", "training/step.py"}
+PURE_TORCH = {"training/losses.py", "training/model.py", "training/mining.py", "training/step.py",
+              "training/reference.py"}
 FORBIDDEN_IN_PURE = {"ray", "mlflow", "optuna"}
 
 

@@ -12,10 +12,10 @@ import torch
 from helpers_tiny import tiny_llama
 from torch.testing import assert_close
 
-from crl_ray.bench.step import synthetic_batch
 from crl_ray.config import MiningConfig
 from crl_ray.training.mining import Miner, example_order
 from crl_ray.training.model import decoder_layers, forward_hidden
+from crl_ray.training.reference import synthetic_batch
 from crl_ray.training.train import micro_batch
 
 ROWS = 12

@@ -14,7 +14,6 @@ import torch
 from helpers_tiny import tiny_llama, tiny_tokenizer
 from torch.testing import assert_close
 
-from crl_ray.bench.step import naive_step, synthetic_batch
 from crl_ray.config import parse_config
 from crl_ray.training.model import (
     apply_lora,
@@ -25,6 +24,7 @@ from crl_ray.training.model import (
     segments,
     use_packed_attention,
 )
+from crl_ray.training.reference import naive_step, synthetic_batch
 from crl_ray.training.step import LossPlan, StepComputer
 from crl_ray.training.train import (
     ADAPTER_DIR,
