@@ -13,6 +13,7 @@ Skips (saying why) where mount namespaces are unavailable.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -28,12 +29,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from crl_ray.sweep import cluster
 from tests.s3server import s3_server
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
 BUCKET = "crl-twonode"
+SMOKE = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,6 @@ class Cluster:
     start_worker_node: Callable[[], None]
 
 
-def _alive_workers() -> int:
-    import ray
-
-    return sum(1 for n in ray.nodes() if n["Alive"] and "masked" in n["Resources"])
 
 
 def _namespaces_work(probe: Path) -> str | None:
@@ -65,6 +62,27 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _driver(code: str, port: int, env: dict[str, str], timeout: float = 300) -> object:
+    """Run ``code`` (which sets ``result``) in a fresh Python process connected to the test cluster; returns
+    ``result`` (JSON). Nothing in the pytest process joins the cluster: its token-authentication setting (off, see
+    the fixture) would stay cached in this process's Ray and break the local Ray of later tests."""
+    script = ("import json, ray\n"
+              f"ray.init(address='127.0.0.1:{port}', logging_level='WARNING')\n"
+              f"{code}\n"
+              "print('RESULT=' + json.dumps(result))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=Path(__file__).resolve().parents[1])
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT=")), None)
+    assert line is not None, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(line.removeprefix("RESULT="))
+
+
+def _alive_workers(cluster: Cluster | None = None, *, port: int = 0, env: dict[str, str] | None = None) -> int:
+    port, env = (cluster.port, cluster.env) if cluster is not None else (port, env)
+    return int(_driver("result = sum(1 for n in ray.nodes() if n['Alive'] and 'masked' in n['Resources'])",
+                       port, env, timeout=120))
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +102,10 @@ def two_nodes(tmp_path_factory):
     temp = Path(f"/tmp/crt{secrets.token_hex(3)}")  # short: Ray's unix sockets live under it; outside HOME
     port = _free_port()
     with s3_server(BUCKET) as aws:
-        # token authentication off on every node and in this driver: a ~/.ray/auth_token switches it on for a head
-        # started by `ray start`, while nodes joining without RAY_AUTH_MODE do not send the token
+        # token authentication off on every node and in every driver: a ~/.ray/auth_token switches it on for a
+        # head started by `ray start`, while nodes joining without RAY_AUTH_MODE do not send the token
         env = ({k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CRL_RAY_CACHE")}
                | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"} | aws)
-        saved_mode = os.environ.get("RAY_AUTH_MODE")
-        os.environ["RAY_AUTH_MODE"] = "disabled"
         common = [f"--temp-dir={temp}", "--disable-usage-stats"]
         try:
             subprocess.run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", "--num-cpus=1",
@@ -102,59 +118,51 @@ def two_nodes(tmp_path_factory):
                                 + " ".join(common)],
                                check=True, capture_output=True, text=True, env=env, timeout=180)
                 deadline = time.monotonic() + 60
-                while _alive_workers() < 1 and time.monotonic() < deadline:
+                while _alive_workers(port=port, env=env) < 1 and time.monotonic() < deadline:
                     time.sleep(1)
-                assert _alive_workers() == 1
+                assert _alive_workers(port=port, env=env) == 1
 
-            import ray
-
-            ray.init(address=f"127.0.0.1:{port}", logging_level="WARNING")
             start_worker_node()
             yield Cluster(root, hidden, port, env, temp, start_worker_node)
-        finally:
-            try:
-                import ray
-
-                ray.shutdown()
-            finally:  # only this cluster's processes (never `ray stop`, which would stop every Ray on the host)
-                subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)
-                shutil.rmtree(temp, ignore_errors=True)
-                if saved_mode is None:
-                    os.environ.pop("RAY_AUTH_MODE", None)
-                else:
-                    os.environ["RAY_AUTH_MODE"] = saved_mode
+        finally:  # only this cluster's processes (never `ray stop`, which would stop every Ray on the host)
+            subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_a_folder_the_other_node_cannot_see_is_found_and_a_shared_one_passes(two_nodes) -> None:
     root, hidden = two_nodes.root, two_nodes.hidden
-    checked, missing = cluster.nodes_missing_folder(hidden / "crl_runs" / "smoke")
-    import ray
-
-    masked = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "masked" in n["Resources"])
-    assert checked == 1 and len(missing) == 1 and masked[:8] in missing[0]
-    problem = cluster.storage_problem(str(hidden / "crl_runs"), hidden / "crl_runs" / "smoke", can_grow=False)
-    assert "storage.path" in problem and "not visible on node(s)" in problem and "same path" in problem
     shared = root / "shared" / "smoke"
-    assert cluster.nodes_missing_folder(shared) == (1, [])
-    assert cluster.storage_problem(str(root / "shared"), shared, can_grow=False) is None
+    result = _driver(f"""
+from pathlib import Path
+from crl_ray.sweep import cluster
+hidden, shared = Path({str(hidden)!r}), Path({str(shared)!r})
+result = {{
+    "masked": next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "masked" in n["Resources"]),
+    "hidden": cluster.nodes_missing_folder(hidden / "crl_runs" / "smoke"),
+    "hidden_problem": cluster.storage_problem(str(hidden / "crl_runs"), hidden / "crl_runs" / "smoke",
+                                              can_grow=False),
+    "shared": cluster.nodes_missing_folder(shared),
+    "shared_problem": cluster.storage_problem(str(shared.parent), shared, can_grow=False),
+}}""", two_nodes.port, two_nodes.env)
+    checked, missing = result["hidden"]
+    assert checked == 1 and len(missing) == 1 and result["masked"][:8] in missing[0]
+    problem = result["hidden_problem"]
+    assert "storage.path" in problem and "not visible on node(s)" in problem and "same path" in problem
+    assert result["shared"] == [1, []] and result["shared_problem"] is None
     assert not any(p.name.startswith(".storage-check") for p in shared.iterdir())  # the marker is removed
 
 
-def test_sweep_on_a_head_only_folder_stops_before_any_trial_with_exit_2(two_nodes, capsys) -> None:
-    from crl_ray.sweep import cli as sweep_cli
-
+def test_sweep_on_a_head_only_folder_stops_before_any_trial_with_exit_2(two_nodes) -> None:
     hidden, port = two_nodes.hidden, two_nodes.port
-    smoke = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
-    code = sweep_cli.main([str(smoke), f"storage.path={hidden / 'crl_runs'}", f"resources.ray_address=127.0.0.1:{port}",
-                       "search.num_trials=2", "train.steps=2"])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "storage.path" in err and "not visible on node(s)" in err and "NFS" in err
+    done = subprocess.run([sys.executable, "-m", "crl_ray.sweep", str(SMOKE), f"storage.path={hidden / 'crl_runs'}",
+                           f"resources.ray_address=127.0.0.1:{port}", "search.num_trials=2", "train.steps=2"],
+                          capture_output=True, text=True, env=two_nodes.env, timeout=600, cwd=SMOKE.parents[1])
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "storage.path" in done.stderr and "not visible on node(s)" in done.stderr and "NFS" in done.stderr
     assert not (hidden / "crl_runs" / "smoke" / "tune").exists()  # no trial was started
 
 
 # ------------------------------------------------------------------------------------------ the reduced smoke sweep
-SMOKE = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
 NAME = "smoke2"
 
 
@@ -290,9 +298,9 @@ def test_a_worker_node_killed_mid_training_resumes_from_its_checkpoint(two_nodes
         assert checkpoint, "no checkpoint in 900 s:\n" + log_file.read_text()[-6000:]
         os.kill(_worker_raylet(), signal.SIGKILL)
         killed_at = time.monotonic()
-        while _alive_workers() and time.monotonic() - killed_at < 180:  # until the cluster has noticed
+        while _alive_workers(two_nodes) and time.monotonic() - killed_at < 180:  # until the cluster has noticed
             time.sleep(1)
-        assert _alive_workers() == 0
+        assert _alive_workers(two_nodes) == 0
         two_nodes.start_worker_node()
         code = sweep.wait(timeout=1200)
     text = log_file.read_text()
