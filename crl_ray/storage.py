@@ -102,9 +102,10 @@ class Store:
     def child(self, *parts: str) -> Store:
         return Store(self.uri(*parts))
 
-    def local_path(self, *parts: str) -> Path | None:
-        """``parts`` as a local path (a folder store), else None."""
-        return None if self.remote else Path(self.path(*parts))
+    def located(self, *parts: str) -> str | Path:
+        """The location of ``parts`` as callers pass it on: a Path for a folder store, the URI for an object
+        store."""
+        return self.uri(*parts) if self.remote else Path(self.path(*parts))
 
     # ------------------------------------------------------------------------------------ files
     def exists(self, *parts: str) -> bool:
@@ -122,13 +123,11 @@ class Store:
             return f.read().decode("utf-8")
 
     def write_text(self, text: str, *parts: str) -> None:
-        """Write a small file (an object store writes it whole; a folder through a temporary name, then a rename)."""
+        """Write a small file (an object store writes it whole; a folder through :func:`atomic_write`)."""
         target = self.path(*parts)
         if not self.remote:
             Path(target).parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(target).with_name(Path(target).name + ".tmp")
-            staging.write_text(text, encoding="utf-8")
-            staging.replace(target)
+            atomic_write(Path(target), text.encode("utf-8"))
             return
         with self.fs.open_output_stream(target) as f:
             f.write(text.encode("utf-8"))

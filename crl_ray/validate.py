@@ -211,8 +211,9 @@ def semantic_problems(cfg: SweepConfig, info: ModelInfo | None, prefix: str = ""
                          cfg.train.warmup_steps, f"use fewer than train.steps ({cfg.train.steps})"))
     from crl_ray.storage import is_uri, uri_problem
 
-    if is_uri(cfg.storage.path) and uri_problem(cfg.storage.path):
-        p.append(Problem(prefix + "storage.path", uri_problem(cfg.storage.path), cfg.storage.path,
+    bad_uri = uri_problem(cfg.storage.path) if is_uri(cfg.storage.path) else None
+    if bad_uri:
+        p.append(Problem(prefix + "storage.path", bad_uri, cfg.storage.path,
                          "use s3://bucket/prefix (or gs://, abfs://, hdfs://) or a folder"))
     if is_uri(cfg.storage.path) and res.num_workers == 0:
         p.append(Problem(prefix + "storage.path", "resources.num_workers: 0 (in-process training) keeps its "

@@ -164,53 +164,18 @@ def filesystem_type(path: Path) -> str:
     return kind
 
 
-def _read_marker(path: str) -> str | None:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return None
-
-
-def nodes_missing_folder(folder: Path, timeout_s: float = 120.0) -> tuple[int, list[str]]:
-    """Alive nodes other than this one that do not see ``folder``: a marker written here is read back by a
-    zero-CPU task pinned to each node. Returns (nodes checked, "<ip> (<node id>)" of each that cannot read it)."""
-    import secrets
-
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = ray.get_runtime_context().get_node_id()
-    others = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
-    if not others:
-        return 0, []
-    folder.mkdir(parents=True, exist_ok=True)
-    marker = folder / f".storage-check-{secrets.token_hex(4)}"
-    token = secrets.token_hex(16)
-    marker.write_text(token)
-    try:
-        read = ray.remote(num_cpus=0, max_retries=0)(_read_marker)
-        refs = [read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-            str(marker)) for n in others]
-        seen = ray.get(refs, timeout=timeout_s)
-    finally:
-        marker.unlink(missing_ok=True)
-    return len(others), [f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})"
-                         for n, got in zip(others, seen) if got != token]
-
-
-def _read_stored_marker(location: str) -> str | None:
+def _read_marker(location: str) -> str | None:
     from crl_ray.storage import Store
 
     try:
         return Store(location).read_text()
-    except Exception as exc:  # noqa: BLE001 - any failure means this node cannot use the store
+    except Exception as exc:  # noqa: BLE001 - any failure means this node cannot use the storage
         return f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
-def nodes_missing_store(location: str, timeout_s: float = 120.0) -> tuple[int, list[str]]:
-    """Alive nodes (this one included) that cannot read an object written to ``location`` (a URI) from here: a
-    marker is written, then read back by a zero-CPU task pinned to each node. Returns (nodes checked, "<ip> (<node
-    id>): <why>" for each that cannot). Raises OSError when this node cannot write it."""
+def _unreadable_on(location: str, nodes: list[dict], timeout_s: float) -> list[tuple[dict, str | None]]:
+    """(node, what it read) for each of ``nodes`` that cannot read back a marker written to ``location`` (a folder
+    or a URI) from here: a zero-CPU task pinned to each node reads it. Raises when this node cannot write it."""
     import secrets
 
     import ray
@@ -222,16 +187,40 @@ def nodes_missing_store(location: str, timeout_s: float = 120.0) -> tuple[int, l
     name = f".storage-check-{secrets.token_hex(4)}"
     token = secrets.token_hex(16)
     store.write_text(token, name)
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
     try:
-        read = ray.remote(num_cpus=0, max_retries=0)(_read_stored_marker)
+        read = ray.remote(num_cpus=0, max_retries=0)(_read_marker)
         refs = [read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
             store.uri(name)) for n in nodes]
         seen = ray.get(refs, timeout=timeout_s)
     finally:
         store.delete(name)
-    return len(nodes), [f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]}): {got or 'nothing read'}"
-                        for n, got in zip(nodes, seen) if got != token]
+    return [(n, got) for n, got in zip(nodes, seen) if got != token]
+
+
+def _node_name(node: dict) -> str:
+    return f"{node.get('NodeManagerAddress', '?')} ({node['NodeID'][:8]})"
+
+
+def nodes_missing_folder(folder: Path, timeout_s: float = 120.0) -> tuple[int, list[str]]:
+    """Alive nodes other than this one that do not see ``folder``. Returns (nodes checked, "<ip> (<node id>)" of
+    each that cannot read a marker written there from here)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    if not others:
+        return 0, []
+    return len(others), [_node_name(n) for n, _ in _unreadable_on(str(folder), others, timeout_s)]
+
+
+def nodes_missing_store(location: str, timeout_s: float = 120.0) -> tuple[int, list[str]]:
+    """Alive nodes (this one included) that cannot read an object written to ``location`` (a URI) from here.
+    Returns (nodes checked, "<ip> (<node id>): <why>" for each that cannot). Raises when this node cannot write."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return len(nodes), [f"{_node_name(n)}: {got or 'nothing read'}"
+                        for n, got in _unreadable_on(location, nodes, timeout_s)]
 
 
 def storage_problem(storage_path: str, folder: Path | str, *, can_grow: bool) -> str | None:

@@ -348,6 +348,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
     )
 
     folder = sweep_dir(cfg)
+    store = trial_store(cfg)
     mode = check_storage(cfg, folder, resume)
     resume = mode == "resume"
     if mode == "restart":  # nothing had started: clear what the aborted start left (its MLflow run is reopened)
@@ -376,7 +377,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
         if address:  # every node must see storage.path: stop here, before any trial, when one does not
             from crl_ray.sweep.cluster import storage_problem
 
-            problem = storage_problem(cfg.storage.path, trial_store(cfg), can_grow=plan.can_grow)
+            problem = storage_problem(cfg.storage.path, store, can_grow=plan.can_grow)
             if problem:
                 raise UserError(problem)
         from crl_ray.validate import margin_warnings
@@ -396,7 +397,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
             log.warning("could not save the sweep's MLflow view: %s", exc)
             view = None
         ctx = TrialContext(base=base, sweep_dir=str(folder), target=target, job=job or TrialJob(),
-                           store=trial_store(cfg))
+                           store=store)
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                         {"CPU": DRIVER_CPUS, HEAD_RESOURCE: 0.001})
         if resume:

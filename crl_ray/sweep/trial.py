@@ -271,8 +271,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         for until in segments(cfg):
             if until <= done:
                 continue
-            train_store = store.uri("train") if store.remote else Path(store.path("train"))
-            outcome = ctx.job.train(cfg, run_name=f"train-{trial_id}", storage_path=train_store,
+            outcome = ctx.job.train(cfg, run_name=f"train-{trial_id}", storage_path=store.located("train"),
                                     callbacks=[StepMetricsCallback(target, run_id)], until_step=until)
             if outcome.data_provenance is not None and not data_logged:  # the same data in every segment
                 data_dir = fetch(parent(outcome.data_provenance), trial_dir / "data")  # a copy for an object store

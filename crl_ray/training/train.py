@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from crl_ray.config import SweepConfig, dump_config
+from crl_ray.storage import Store, is_uri, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,10 @@ def _checkpoint_step(name: str) -> int:
     return int(digits) if name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else -1
 
 
-def complete_checkpoints(run_dir: str | Path, world_size: int) -> list[str | Path]:
-    """Locations of the checkpoint folders of the run at ``run_dir`` (a folder or a URI, crl_ray.storage) that
-    every rank finished writing (local mode: ``.complete``), oldest first: paths for a folder, URIs otherwise."""
-    from crl_ray.storage import Store
-
-    store = Store(run_dir)
+def complete_checkpoints(run: Store | str | Path, world_size: int) -> list[str | Path]:
+    """Locations of the checkpoint folders of the run at ``run`` (a Store, or its folder or URI) that every rank
+    finished writing (local mode: ``.complete``), oldest first: paths for a folder, URIs otherwise."""
+    store = run if isinstance(run, Store) else Store(run)
     found = []
     for name in store.list():
         if _checkpoint_step(name) < 0:
@@ -61,7 +60,7 @@ def complete_checkpoints(run_dir: str | Path, world_size: int) -> list[str | Pat
         if STATE_FILE in files and (".complete" in files
                                     or all(f"{COMPLETE_MARKER}{r}" in files for r in range(world_size))):
             found.append(name)
-    return [store.uri(name) if store.remote else Path(store.path(name)) for name in sorted(found, key=_checkpoint_step)]
+    return [store.located(name) for name in sorted(found, key=_checkpoint_step)]
 
 
 CHECKPOINT_PREFIX = "checkpoint_step"
@@ -110,9 +109,10 @@ class Worker:
         self.data_dir = data_dir
         self.until_step = until_step
         self.local_dir = local_dir  # local mode: where checkpoints live (Ray does not persist them)
-        # the run's location in the storage (a folder or a URI, crl_ray.storage): Ray persists checkpoints there;
-        # failure reasons go there too
-        self.run_dir = str(run_dir) if run_dir is not None else (str(local_dir) if local_dir is not None else None)
+        # the run's place in the storage (a folder or a URI, crl_ray.storage): Ray persists checkpoints there;
+        # failure reasons and completion markers go there too
+        location = run_dir if run_dir is not None else local_dir
+        self.run_store = Store(location) if location is not None else None
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
@@ -196,8 +196,6 @@ class Worker:
     def _build_data(self) -> None:
         import datasets
 
-        from crl_ray.storage import local_copy
-
         self.data = {}
         with local_copy(self.data_dir) as data_dir:  # an object store: a temporary copy on this node
             for name in DATA_GROUPS:
@@ -277,10 +275,8 @@ class Worker:
                 metrics = self.train_step()
             except FloatingPointError as exc:  # the same on every rank (global loss): retrying would repeat it
                 log.error("%s", exc)
-                if self.rank == 0 and self.run_dir is not None:
-                    from crl_ray.storage import Store
-
-                    Store(self.run_dir).write_text(str(exc), FAILED_FILE)
+                if self.rank == 0 and self.run_store is not None:
+                    self.run_store.write_text(str(exc), FAILED_FILE)
                 ray.train.report({FAILED_KEY: str(exc), "step": float(self.step)})
                 return
             last = self.step == self.until_step
@@ -362,23 +358,17 @@ class Worker:
                              checkpoint_dir_name=name)
             # report() returns once this rank's files are persisted: mark them, so that a worker group restarted
             # before Ray registered the checkpoint can still find it complete (see complete_checkpoints)
-            if self.run_dir is not None:
-                from crl_ray.storage import Store
-
-                store = Store(self.run_dir)
-                if store.exists(name):
-                    store.write_text("ok", name, f"{COMPLETE_MARKER}{self.rank}")
+            if self.run_store is not None and self.run_store.exists(name):
+                self.run_store.write_text("ok", name, f"{COMPLETE_MARKER}{self.rank}")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     def maybe_resume(self) -> None:
         import ray.train
 
-        from crl_ray.storage import local_copy
-
         directory: str | Path | None = None
         checkpoint = ray.train.get_checkpoint()
-        on_disk = complete_checkpoints(self.run_dir, self.world_size) if self.run_dir is not None else []
+        on_disk = complete_checkpoints(self.run_store, self.world_size) if self.run_store is not None else []
         registered = _checkpoint_step(_base_name(checkpoint.path)) if checkpoint is not None else -1
         if on_disk and _checkpoint_step(_base_name(on_disk[-1])) > registered:
             directory = on_disk[-1]  # persisted by every rank, not (yet) registered by Ray, or local mode
@@ -470,8 +460,6 @@ def run_task(fn, options: dict[str, float], *args: Any) -> Any:
 
 
 def _prepare_data_task(cfg: SweepConfig, out: str) -> str:
-    from crl_ray.storage import Store, is_uri
-
     log_to_stderr()  # generation progress reaches the sweep's console
     if not is_uri(out):
         return str(prepare_data(cfg, Path(out)))
@@ -491,7 +479,6 @@ def run_training(cfg: SweepConfig, *, run_name: str, storage_path: str | Path, c
     from ray.train.torch import TorchTrainer
 
     from crl_ray.data.assets import cache_dir
-    from crl_ray.storage import Store
 
     until = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)
     res = cfg.resources
@@ -530,13 +517,12 @@ def run_training(cfg: SweepConfig, *, run_name: str, storage_path: str | Path, c
     if result.checkpoint is not None:
         name = _base_name(result.checkpoint.path)
     else:  # local mode with nothing left to train: the latest checkpoint on disk
-        done = complete_checkpoints(run.uri(), 1)
+        done = complete_checkpoints(run, 1)
         if not done:
             raise RuntimeError(f"training run {run_name!r} reported no checkpoint")
         name = _base_name(done[-1])
     state = json.loads(run.read_text(name, STATE_FILE))
     metrics = {k: float(v) for k, v in (result.metrics or {}).items()
                if isinstance(v, (int, float)) and math.isfinite(float(v))}
-    located = (lambda *parts: run.uri(*parts)) if store.remote else (lambda *parts: Path(run.path(*parts)))
-    return TrainOutcome(adapter_dir=located(name, ADAPTER_DIR), checkpoint_dir=located(name), metrics=metrics,
-                        step=int(state["step"]), data_provenance=located("data", "provenance.json"))
+    return TrainOutcome(adapter_dir=run.located(name, ADAPTER_DIR), checkpoint_dir=run.located(name),
+                        metrics=metrics, step=int(state["step"]), data_provenance=run.located("data", "provenance.json"))
