@@ -237,6 +237,19 @@ def test_worker_moves_lora_and_keeps_base_weights(tiny_model_dir, tmp_path):
     assert metrics[-1]["step"] == 2.0
 
 
+def test_bf16_autocast_trains_close_to_fp32(tiny_model_dir, tmp_path):
+    """train.precision bf16: the same steps as fp32 within bf16's rounding, and only LoRA weights move (fp32)."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        worker = build_worker(make_cfg(tiny_model_dir, train={"precision": precision}), tmp_path / precision)
+        runs[precision] = ([worker.train_step()["train/loss"] for _ in range(3)], worker)
+    (fp32, _), (bf16, worker) = runs["fp32"], runs["bf16"]
+    assert fp32 != bf16  # the autocast did run
+    for a, b in zip(fp32, bf16):
+        assert math.isclose(a, b, rel_tol=2e-2), (fp32, bf16)
+    assert all(p.dtype == torch.float32 for _, p in worker.trainable)
+
+
 def test_lora_blocks_follow_config(tiny_model_dir, tmp_path):
     cfg = make_cfg(tiny_model_dir, loss={"target_layers": [1, 2], "benign_layers": "target"})
     assert lora_blocks(cfg, 4, LossPlan.from_config(cfg, 4).lora_last_layer) == [0, 1, 2]

@@ -8,8 +8,15 @@ on CPU; ``--unpad`` and ``--activation-checkpointing`` change them; the JSON say
 model, LoRA initialisation, batches and seed, each in a fresh subprocess (peak RSS is per process), and the
 benchmark prints one JSON object: seconds per step, tokens/s, peak memory, loss values, and the ratios.
 
-Target (issue 3): on SmolLM2-135M at batch 4 x 256 tokens on 2 CPU cores, >= 1.5x the naive tokens/s and
-<= 0.5x its peak memory, with the same loss (relative 1e-4).
+``--dense`` fills every row (no padding), so both variants do the same real-token work and the comparison shows
+what the project's step saves beyond skipping padding. ``--shape smoke`` benchmarks the smoke sweep's shape
+(micro-batch 2, requests <= 64 and responses <= 48 tokens, LoRA r 8, its loss layers, 2 threads) instead of the
+default 4 x 256. ``--precision bf16`` runs the project's step under CPU/GPU bf16 autocast (fp32 weights and
+gradients, bf16 matmuls); the naive step always stays the literal fp32 port.
+
+Targets (issue 3): on SmolLM2-135M at batch 4 x 256 tokens on 2 CPU cores, >= 1.5x the naive tokens/s and
+<= 0.5x its peak memory, with the same loss (relative 1e-4). Issue 13: the same on dense rows at >= 2x and <= 0.4x;
+the smoke shape at >= 0.8x the dense large-batch tokens/s.
 """
 
 from __future__ import annotations
@@ -33,12 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="HF id, folder or embedded: name")
     p.add_argument("--batch", type=int, default=4, help="rows per batch kind (benign, harmful, retain)")
     p.add_argument("--seq", type=int, default=256, help="tokens per row (half request, half response)")
+    p.add_argument("--dense", action="store_true", help="every row full length (no padding): identical work")
+    p.add_argument("--shape", default=None, choices=["smoke"],
+                   help="smoke: the smoke sweep's micro-batch 2, 64 + 48 tokens, LoRA r 8, its layers, 2 threads "
+                   "(overrides --batch, --seq, --lora-r, --loss, --threads)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="project step: fp32, or bf16 autocast (fp32 master weights)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--loss", default="paper", choices=["paper", "script"],
-                   help="paper: mix distances, margins 500/1500, benign layers all; script: released train.sh")
+    p.add_argument("--loss", default="paper", choices=["paper", "script", "smoke"],
+                   help="paper: mix distances, margins 500/1500, benign layers all; script: released train.sh; "
+                   "smoke: sweeps/smoke.yaml's loss (target layers 19..28, benign layers = target)")
     p.add_argument("--variant", default="both", choices=["both", "project", "naive"],
                    help="both = run each in its own subprocess and compare")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -59,7 +73,10 @@ def bench_config(args: argparse.Namespace):
     if args.loss == "script":
         loss.update(alpha=0.5, beta=0.6, gamma=0.7, margin_benign=2.0, margin_harmful=3.0, dist_benign_pos="l2",
                     dist_benign_neg="cosine", dist_harmful_pos="cosine", dist_harmful_neg="cosine")
-    half = args.seq // 2
+    elif args.loss == "smoke":
+        loss.update(target_layers={"fraction": [0.625, 0.9375]}, benign_layers="target", margin_benign=100.0,
+                    margin_harmful=1000.0, alpha=0.5, beta=0.4, gamma=10.0)
+    half = request_tokens(args)
     train: dict[str, Any] = {"unpad": {"true": True, "false": False}.get(args.unpad, "auto")}
     if args.activation_checkpointing is not None:
         train["activation_checkpointing"] = args.activation_checkpointing
@@ -74,6 +91,22 @@ def bench_config(args: argparse.Namespace):
                  "max_request_tokens": half, "max_response_tokens": args.seq - half},
         "search": {"algorithm": "none", "num_trials": 1},
     })
+
+
+BF16_LOSS_TOLERANCE = 1e-2  # relative; bf16 keeps 8 bits of mantissa (~3 significant digits) per matmul
+SMOKE_SHAPE = {"batch": 2, "seq": 112, "request": 64, "lora_r": 8, "loss": "smoke", "threads": 2}
+
+
+def apply_shape(args: argparse.Namespace) -> argparse.Namespace:
+    """``--shape smoke``: the smoke sweep's micro-batch, row lengths, LoRA rank, loss layers and threads."""
+    if args.shape == "smoke":
+        for key in ("batch", "seq", "lora_r", "loss", "threads"):
+            setattr(args, key, SMOKE_SHAPE[key])
+    return args
+
+
+def request_tokens(args: argparse.Namespace) -> int:
+    return SMOKE_SHAPE["request"] if args.shape == "smoke" else args.seq // 2
 
 
 def _peak_rss_gb() -> float:
@@ -111,8 +144,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     vocab = model.get_input_embeddings().weight.shape[0]
-    half = args.seq // 2
-    batches = [synthetic_batch(vocab, args.batch, half, args.seq - half, gen) for _ in range(3)]
+    half = request_tokens(args)
+    batches = [synthetic_batch(vocab, args.batch, half, args.seq - half, gen, dense=args.dense) for _ in range(3)]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     computer = None if args.variant == "naive" else StepComputer(cfg, model, plan)  # naive: plain sdpa model
     rss_before = _peak_rss_gb()
@@ -122,7 +155,10 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         if args.variant == "naive":
             loss, terms = naive_step(model, cfg, plan, *batches)
         else:
-            loss, metrics = computer(*batches, micro_step=0, optimizer_step=0)
+            # no cast cache: a checkpointed block recomputes its casts in backward, outside this region
+            with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16",
+                                cache_enabled=False):
+                loss, metrics = computer(*batches, micro_step=0, optimizer_step=0)
             terms = {k: v for k, v in metrics.items() if k in ("train/loss_b", "train/loss_h", "train/loss_kl")}
         loss.backward()
         grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in trainable]))
@@ -138,12 +174,12 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
             "peak_rss_gb": round(_peak_rss_gb(), 3), "rss_before_steps_gb": round(rss_before, 3),
             "loss": losses[-1], "terms": terms, "grad_norm": grad_norm, "threads": torch.get_num_threads(),
             "settings": {} if args.variant == "naive" else {
-                "unpad": computer.unpad, "activation_checkpointing": cfg.train.activation_checkpointing,
+                "precision": args.precision, "unpad": computer.unpad, "activation_checkpointing": cfg.train.activation_checkpointing,
                 "activation_checkpointing_every": cfg.train.activation_checkpointing_every}}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = apply_shape(build_parser().parse_args(argv))
     if args.seq < 4 or args.batch < 1 or args.steps < 1:
         print("error: --seq must be >= 4, --batch and --steps >= 1", file=sys.stderr)
         return 2
@@ -163,14 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     rel = abs(project["loss"] - naive["loss"]) / max(abs(naive["loss"]), 1e-12)
     summary = {
         "model": args.model, "batch": args.batch, "seq": args.seq, "lora_r": args.lora_r, "loss_kind": args.loss,
+        "dense": args.dense, "shape": args.shape or "custom", "precision": args.precision,
         "naive": naive, "project": project,
         "speedup_tokens_per_s": round(project["tokens_per_s"] / naive["tokens_per_s"], 3),
         "peak_memory_ratio": round(project["peak_rss_gb"] / naive["peak_rss_gb"], 3),
         "loss_rel_diff": rel,
-        "targets": {"speedup_min": 1.5, "memory_ratio_max": 0.5, "loss_rel_max": 1e-4},
+        # dense rows: issue 13's bars; bf16: the stated tolerance of a bf16 step against the fp32 oracle
+        "targets": {"speedup_min": 2.0 if args.dense else 1.5, "memory_ratio_max": 0.4 if args.dense else 0.5,
+                    "loss_rel_max": BF16_LOSS_TOLERANCE if args.precision == "bf16" else 1e-4},
     }
-    summary["targets_met"] = (summary["speedup_tokens_per_s"] >= 1.5 and summary["peak_memory_ratio"] <= 0.5
-                              and rel <= 1e-4)
+    t = summary["targets"]
+    summary["targets_met"] = (summary["speedup_tokens_per_s"] >= t["speedup_min"]
+                              and summary["peak_memory_ratio"] <= t["memory_ratio_max"] and rel <= t["loss_rel_max"])
     text = json.dumps(summary, indent=2)
     print(text)
     if args.out:

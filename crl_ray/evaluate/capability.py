@@ -39,6 +39,7 @@ __all__ = [
     "degeneracy",
     "degeneracy_components",
     "degeneracy_score",
+    "repeated_fraction",
     "letter_logprobs",
     "load_mmlu",
     "mmlu_accuracy",
@@ -278,7 +279,8 @@ def _tokens(text: str) -> list[str]:
     return _TOKEN_RE.findall(text.lower())
 
 
-def _repeated_fraction(tokens: Sequence[str], n: int) -> float:
+def repeated_fraction(tokens: Sequence[Any], n: int = DEGENERACY_N) -> float:
+    """The share of the n-grams of ``tokens`` (words or token ids) that repeat an earlier one; 0 if fewer than n."""
     grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
@@ -291,7 +293,7 @@ def degeneracy_score(text: str, n: int = DEGENERACY_N) -> float:
     n tokens (but not empty) score 0.
     """
     tokens = _tokens(text)
-    return 1.0 if not tokens else _repeated_fraction(tokens, n)
+    return 1.0 if not tokens else repeated_fraction(tokens, n)
 
 
 def degeneracy_components(text: str) -> dict[str, float]:
@@ -304,7 +306,7 @@ def degeneracy_components(text: str) -> dict[str, float]:
         "empty": 0.0,
         "distinct_1": len(set(tokens)) / len(tokens),
         "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 1.0,
-        "repeated_3": _repeated_fraction(tokens, 3),
+        "repeated_3": repeated_fraction(tokens, 3),
     }
 
 

@@ -6,12 +6,16 @@ from __future__ import annotations
 import torch
 
 
-def synthetic_batch(vocab: int, rows: int, request: int, response: int, gen: torch.Generator) -> dict:
-    """Token ids in the training layout: left-padded request, right-padded response (lengths 50-100 %)."""
+def synthetic_batch(vocab: int, rows: int, request: int, response: int, gen: torch.Generator, *,
+                    dense: bool = False) -> dict:
+    """Token ids in the training layout: left-padded request, right-padded response (lengths 50-100 %; with
+    ``dense`` every row is full length, no padding)."""
     t = request + response
     ids = torch.randint(10, vocab, (rows, t), generator=gen)
     req_len = torch.randint(request // 2, request + 1, (rows,), generator=gen)
     res_len = torch.randint(response // 2, response + 1, (rows,), generator=gen)
+    if dense:
+        req_len, res_len = torch.full((rows,), request), torch.full((rows,), response)
     col = torch.arange(t)
     request_mask = ((col >= request - req_len[:, None]) & (col < request)).long()
     response_mask = ((col >= request) & (col < request + res_len[:, None])).long()

@@ -236,8 +236,11 @@ class Worker:
             b = self.batches(k)
             if self.sharded:
                 self.fsdp_root.set_requires_gradient_sync(micro == t.grad_accum - 1)
-            value, metrics = self.computer(b["benign"], b["harmful"], b["retain"], micro_step=k,
-                                           optimizer_step=self.step)
+            # no cast cache: a checkpointed block recomputes its casts in backward, outside this region
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16",
+                                cache_enabled=False):
+                value, metrics = self.computer(b["benign"], b["harmful"], b["retain"], micro_step=k,
+                                               optimizer_step=self.step)
             (value / t.grad_accum).backward()
             for key, v in metrics.items():
                 sums[key] = sums.get(key, 0.0) + v
