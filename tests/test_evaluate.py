@@ -134,7 +134,7 @@ def test_same_seed_same_results_with_real_attacks(tok, model, tmp_path):
     check = summary["judge_check"]
     assert check["refusal_labels"]["n"] == 169 and check["objective_labels"]["n"] == 395
     assert 0 < check["all"]["accuracy"] < 1 and a.metrics["eval/judge/accuracy"] == check["all"]["accuracy"]
-    assert summary["judge_accuracy"]["judge/labels"] == 169 + 395
+    assert summary["judge_accuracy"]["judge/labels"] == 169 + 395 + 224 and check["smollm2_labels"]["n"] == 224
     assert summary["kl_benign"]["prompts"] == 2
     assert "eval/seconds/judge_check" in a.metrics
 
