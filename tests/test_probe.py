@@ -64,7 +64,7 @@ def test_check_summary_flattens_the_overall_figures():
 def features(**kw) -> AnswerFeatures:
     n = len(next(iter(kw.values())))
     base = dict(states=np.zeros((n, 3)), nll=np.full(n, 2.0), nll_empty=np.full(n, 3.0), words=np.full(n, 40),
-                repetition=np.zeros(n), refusal=np.zeros(n, dtype=bool))
+                repetition=np.zeros(n), refusal=np.zeros(n, dtype=bool), token_repetition=np.zeros(n))
     base.update({k: np.asarray(v) for k, v in kw.items()})
     return AnswerFeatures(**base)
 

@@ -174,7 +174,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
             "peak_rss_gb": round(_peak_rss_gb(), 3), "rss_before_steps_gb": round(rss_before, 3),
             "loss": losses[-1], "terms": terms, "grad_norm": grad_norm, "threads": torch.get_num_threads(),
             "settings": {} if args.variant == "naive" else {
-                "precision": args.precision, "unpad": computer.unpad, "activation_checkpointing": cfg.train.activation_checkpointing,
+                "precision": args.precision, "unpad": computer.unpad,
+                "activation_checkpointing": cfg.train.activation_checkpointing,
                 "activation_checkpointing_every": cfg.train.activation_checkpointing_every}}
 
 

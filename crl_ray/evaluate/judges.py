@@ -27,6 +27,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ __all__ = [
     "objective_labels",
     "refusal_labels",
     "smollm2_labels",
+    "smollm2_labels_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -309,6 +311,13 @@ def objective_labels() -> list[LabelledAnswer]:
     return out
 
 
+def smollm2_labels_file() -> Path:
+    """The file behind :func:`smollm2_labels` (in the package: crl_ray/resources/smollm2_labels.jsonl)."""
+    from importlib.resources import files
+
+    return Path(str(files("crl_ray.resources").joinpath("smollm2_labels.jsonl")))
+
+
 def smollm2_labels() -> list[LabelledAnswer]:
     """The project's own hand labels of the embedded SmolLM2-135M-Instruct's answers (224 rows; resources/
     smollm2_labels.jsonl): base, CRL, CRL + mining, circuit-breaker and RepBend models attacked on the HarmBench
@@ -319,13 +328,11 @@ def smollm2_labels() -> list[LabelledAnswer]:
     (``behavior_id``); the file holds only the model's answers and the labels.
     """
     import json
-    from importlib.resources import files
 
     from crl_ray.config import DataSource
     from crl_ray.data import load_source
 
-    rows = [json.loads(line) for line in
-            files("crl_ray.resources").joinpath("smollm2_labels.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in smollm2_labels_file().read_text().splitlines() if line.strip()]
     requests: dict[str, dict[str, str]] = {}
     out: list[LabelledAnswer] = []
     for row in rows:
