@@ -202,6 +202,43 @@ def test_batched_soft_prompts_match_one_at_a_time_and_stop_early(model, tok, beh
         assert res.embeds.shape == (n_tokens, model.config.hidden_size)
 
 
+def _fp32_loss(model, tok, behavior: Behavior, embeds: torch.Tensor) -> float:
+    lay = attack_layout(tok, behavior)
+    emb = model.get_input_embeddings()
+    x = torch.cat([emb(torch.tensor(lay.before_ids)), embeds, emb(torch.tensor(lay.after_ids)),
+                   emb(torch.tensor(lay.target_ids))]).detach()
+    with torch.no_grad():
+        logits = model(inputs_embeds=x[None]).logits[0]
+    return F.cross_entropy(logits[-len(lay.target_ids) - 1:-1], torch.tensor(lay.target_ids)).item()
+
+
+def test_bf16_soft_prompts_are_judged_in_fp32(model, tok, behaviors) -> None:
+    steps, n_tokens = 6, 7
+    probe = EmbeddingRunConfig(lr=0.1, early_stop_loss=1e-9, init="x y z")
+    lays = [attack_layout(tok, b) for b in behaviors]
+    free = optimise_soft_prompts(model, tok, lays, run=probe, steps=steps, soft_prompt_tokens=n_tokens,
+                                 batch_size=3, precision="bf16")
+    # the final loss of a run that never stops is the fp32 loss of its final soft prompt
+    for b, res in zip(behaviors, free):
+        assert res.steps == steps and not res.stopped
+        assert res.loss == pytest.approx(_fp32_loss(model, tok, b, res.embeds), abs=1e-5)
+    fp32 = optimise_soft_prompts(model, tok, lays, run=probe, steps=steps, soft_prompt_tokens=n_tokens, batch_size=3)
+    assert [r.losses[1:-1] for r in free] != [r.losses[1:-1] for r in fp32]  # the optimisation did run in bf16
+    # a threshold some rows cross: a stop is decided on, and records, the fp32 loss of the soft prompt it keeps
+    finals = sorted(r.loss for r in free)
+    run = probe.model_copy(update={"early_stop_loss": (finals[0] + finals[1]) / 2})
+    got = optimise_soft_prompts(model, tok, lays, run=run, steps=steps, soft_prompt_tokens=n_tokens, batch_size=3,
+                                precision="bf16")
+    assert any(r.stopped for r in got) and not all(r.stopped for r in got)
+    for b, res in zip(behaviors, got):
+        exact = _fp32_loss(model, tok, b, res.embeds)
+        assert res.loss == pytest.approx(exact, abs=1e-5)
+        assert res.stopped == (exact < run.early_stop_loss)
+    with pytest.raises(ValueError, match="precision"):
+        optimise_soft_prompts(model, tok, lays, run=run, steps=1, soft_prompt_tokens=n_tokens, batch_size=3,
+                              precision="fp16")
+
+
 def test_embedding_attack_fields_change_the_result(model, tok, behaviors) -> None:
     base = run_attack("embedding", model, tok, behaviors, eval_cfg())
     assert [r.attack for r in base] == ["embedding"] * 3

@@ -10,7 +10,7 @@ from helpers_tiny import tiny_llama, tiny_tokenizer
 from crl_ray.bench import attack as bench
 
 KEYS = {"benchmark", "model", "threads", "behaviors", "steps", "seed", "lr", "early_stop_loss",
-        "soft_prompt_tokens", "batch_size", "max_new_tokens", "naive", "project", "speedup", "outcome",
+        "soft_prompt_tokens", "batch_size", "precision", "max_new_tokens", "naive", "project", "speedup", "outcome",
         "outcomes_agree", "success_agree", "stop_step_agree", "stop_step_max_diff", "max_abs_loss_diff",
         "emits_target_agree",
         "per_behavior"}
@@ -35,7 +35,7 @@ def test_bench_attack_reports_speed_and_agreeing_outcomes(tiny_dir, tmp_path, ca
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads(out.read_text())
     assert set(report) == KEYS
-    assert report["behaviors"] == 3 and report["steps"] == 3
+    assert report["behaviors"] == 3 and report["steps"] == 3 and report["precision"] == "fp32"
     for side in ("naive", "project"):
         assert set(report[side]) == {"seconds", "behaviors_per_s", "generation_seconds", "adam_steps", "successes"}
         assert report[side]["behaviors_per_s"] == pytest.approx(3 / report[side]["seconds"])
@@ -47,6 +47,18 @@ def test_bench_attack_reports_speed_and_agreeing_outcomes(tiny_dir, tmp_path, ca
     assert report["max_abs_loss_diff"] < 1e-3
     rows = report["per_behavior"]
     assert len(rows) == 3 and all(r["naive_stop_step"] == r["project_stop_step"] == stop_step for r in rows)
+
+
+def test_bench_attack_bf16_keeps_fp32_verdicts(tiny_dir, tmp_path, capsys) -> None:
+    code = bench.main(["--model", str(tiny_dir), "--behaviors", "3", "--steps", "3", "--lr", "0.1",
+                       "--early-stop-loss", "100.0", "--soft-prompt-tokens", "4", "--max-new-tokens", "4",
+                       "--precision", "bf16"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["precision"] == "bf16"
+    # every behaviour stops before its first step, decided on the fp32 loss: exactly the naive port's first loss
+    assert report["outcomes_agree"] and report["stop_step_agree"] and report["project"]["adam_steps"] == 0
+    assert report["max_abs_loss_diff"] < 1e-4
 
 
 def test_bench_attack_rejects_bad_settings(tiny_dir, capsys) -> None:

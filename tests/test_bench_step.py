@@ -60,3 +60,20 @@ def test_smoke_shape_sets_the_smoke_sweeps_sizes():
     smoke = (REPO / "sweeps" / "smoke.yaml").read_text()
     assert "max_request_tokens: 64" in smoke and "max_response_tokens: 48" in smoke
     assert "micro_batch_size: 2" in smoke and "r: 8" in smoke
+
+
+def test_frozen_share_and_profile_are_reported(tiny_folder):
+    got = bench(tiny_folder, "--batch", "2", "--seq", "16", "--dense", "--variant", "project", "--profile")
+    assert 0 < got["frozen_seconds_per_step"] < got["seconds_per_step"]
+    assert 0 < got["frozen_share"] < 1
+    ops = got["profile_top_ops"]
+    assert ops and all(o["calls"] > 0 and o["self_seconds"] >= 0 for o in ops)
+    assert any(o["op"] in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear") for o in ops)
+    assert [o["self_seconds"] for o in ops] == sorted((o["self_seconds"] for o in ops), reverse=True)
+
+
+def test_frozen_cache_leaves_no_frozen_pass_and_the_same_loss(tiny_folder):
+    got = bench(tiny_folder, "--batch", "2", "--seq", "16", "--dense", "--frozen-cache")
+    assert got["frozen_cache"] is True and got["project"]["settings"]["frozen_cache"] is True
+    assert got["project"]["frozen_seconds_per_step"] == 0 and got["project"]["frozen_cache_build_seconds"] > 0
+    assert got["loss_rel_diff"] <= 1e-4

@@ -6,7 +6,8 @@ each step runs the full chat (prefix + soft prompt + end of turn + target) throu
 position and ``loss.backward()`` (weight gradients included, as the paper's code does), for exactly ``--steps``
 steps; it keeps the loss of every step. The project's attack (:func:`crl_ray.evaluate.attacks.run_attack`) batches
 behaviours, reuses the prefix keys/values, computes logits at target positions only, takes gradients w.r.t. the
-soft prompt only, and stops a behaviour once its loss is below the early-stop threshold.
+soft prompt only, and stops a behaviour once its loss is below the early-stop threshold; ``--precision bf16`` runs
+its optimisation passes under bfloat16 autocast with fp32 verdicts (``eval.embedding.precision``).
 
 Outcome of a behaviour: SUCCESS if its target cross-entropy fell below ``early_stop_loss`` within the budget,
 checked before every Adam step and after the last; its STOP STEP is the first such step. The naive run never stops,
@@ -128,7 +129,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     behaviors = load_behaviors(DataSource(source="harmbench_val", where={"FunctionalCategory": "standard"}),
                                "bench.behaviors", limit=args.behaviors)
     ecfg = EmbeddingAttackConfig(steps=args.steps, lr=args.lr, early_stop_loss=args.early_stop_loss,
-                                 soft_prompt_tokens=args.soft_prompt_tokens, batch_size=args.batch_size)
+                                 soft_prompt_tokens=args.soft_prompt_tokens, batch_size=args.batch_size,
+                                 precision=args.precision)
     cfg = EvalConfig(max_new_tokens=args.max_new_tokens, attacks=["embedding"], embedding=ecfg)
     threshold = ecfg.early_stop_loss
 
@@ -179,6 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "early_stop_loss": threshold,
         "soft_prompt_tokens": ecfg.soft_prompt_tokens,
         "batch_size": ecfg.batch_size,
+        "precision": ecfg.precision,
         "max_new_tokens": cfg.max_new_tokens,
         "naive": {"seconds": naive_s, "behaviors_per_s": n / naive_s, "generation_seconds": naive_gen,
                   "adam_steps": n * ecfg.steps, "successes": sum(r["naive_success"] for r in rows)},
@@ -210,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--early-stop-loss", type=float, default=default.early_stop_loss)
     parser.add_argument("--soft-prompt-tokens", type=int, default=default.soft_prompt_tokens)
     parser.add_argument("--batch-size", type=int, default=default.batch_size, help="the project's batch size")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=default.precision,
+                        help="the project's optimisation passes (the naive port stays fp32; verdicts are fp32)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)

@@ -12,7 +12,10 @@ benchmark prints one JSON object: seconds per step, tokens/s, peak memory, loss 
 what the project's step saves beyond skipping padding. ``--shape smoke`` benchmarks the smoke sweep's shape
 (micro-batch 2, requests <= 64 and responses <= 48 tokens, LoRA r 8, its loss layers, 2 threads) instead of the
 default 4 x 256. ``--precision bf16`` runs the project's step under CPU/GPU bf16 autocast (fp32 weights and
-gradients, bf16 matmuls); the naive step always stays the literal fp32 port.
+gradients, bf16 matmuls); the naive step always stays the literal fp32 port. ``--frozen-cache`` gives the project's
+step ``train.frozen_cache`` (the frozen outputs of the benchmark's rows computed once, before the timed steps;
+that one-off cost is reported apart). The project's JSON also says how much of its step the frozen passes take
+(``frozen_share``: the most a frozen-output cache can save) and, with ``--profile``, its top operators.
 
 Targets (issue 3): on SmolLM2-135M at batch 4 x 256 tokens on 2 CPU cores, >= 1.5x the naive tokens/s and
 <= 0.5x its peak memory, with the same loss (relative 1e-4). Issue 13: the same on dense rows at >= 2x and <= 0.4x;
@@ -62,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="project step: train.activation_checkpointing_every (default: the config default)")
     p.add_argument("--unpad", default="auto", choices=["auto", "true", "false"],
                    help="project step: train.unpad (auto = packed rows on CPU)")
+    p.add_argument("--frozen-cache", action="store_true",
+                   help="project step: train.frozen_cache (h0 and the retain states computed once before the timed "
+                   "steps, reported as frozen_cache_build_seconds; the steps run only the LoRA passes)")
+    p.add_argument("--profile", action="store_true",
+                   help="project step: also torch.profiler's top operators (self CPU time) over the timed steps")
     p.add_argument("--out", default=None, help="also write the JSON here")
     return p
 
@@ -147,10 +155,29 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     half = request_tokens(args)
     batches = [synthetic_batch(vocab, args.batch, half, args.seq - half, gen, dense=args.dense) for _ in range(3)]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    computer = None if args.variant == "naive" else StepComputer(cfg, model, plan)  # naive: plain sdpa model
+    frozen_outputs, build_seconds = None, None
+    if args.frozen_cache and args.variant != "naive":
+        from crl_ray.training.frozen import FrozenSpec, compute_frozen
+
+        start = time.perf_counter()
+        frozen_outputs = compute_frozen(model, dict(zip(("benign", "harmful", "retain"), batches)),
+                                        FrozenSpec.of(cfg, plan))
+        build_seconds = time.perf_counter() - start
+        batches = [{**b, "row": torch.arange(args.batch)} for b in batches]
+    # naive: plain sdpa model
+    computer = None if args.variant == "naive" else StepComputer(cfg, model, plan, frozen=frozen_outputs)
+    frozen = [0.0]  # seconds in the frozen (adapter-disabled) passes: what a cache of their outputs could save
+    if computer is not None:
+        computer._frozen = _timed(computer._frozen, frozen)
+    profiler = None
     rss_before = _peak_rss_gb()
     times, losses, terms = [], [], {}
     for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            frozen[0] = 0.0
+            if args.profile and computer is not None:
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                profiler.__enter__()
         start = time.perf_counter()
         if args.variant == "naive":
             loss, terms = naive_step(model, cfg, plan, *batches)
@@ -168,15 +195,44 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         if i >= args.warmup:
             times.append(elapsed)
         losses.append(float(loss))
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
     s_per_step = sum(times) / len(times)
-    return {"variant": args.variant, "seconds_per_step": round(s_per_step, 4),
+    extra: dict[str, Any] = {}
+    if frozen_outputs is not None:
+        extra["frozen_cache_build_seconds"] = round(build_seconds, 3)
+    if computer is not None:
+        extra["frozen_seconds_per_step"] = round(frozen[0] / len(times), 4)
+        extra["frozen_share"] = round(frozen[0] / sum(times), 4)
+    if profiler is not None:
+        extra["profile_top_ops"] = _top_ops(profiler, sum(times))
+    return {**extra, "variant": args.variant, "seconds_per_step": round(s_per_step, 4),
             "tokens_per_step": tokens, "tokens_per_s": round(tokens / s_per_step, 2),
             "peak_rss_gb": round(_peak_rss_gb(), 3), "rss_before_steps_gb": round(rss_before, 3),
             "loss": losses[-1], "terms": terms, "grad_norm": grad_norm, "threads": torch.get_num_threads(),
             "settings": {} if args.variant == "naive" else {
-                "precision": args.precision, "unpad": computer.unpad,
+                "precision": args.precision, "unpad": computer.unpad, "frozen_cache": frozen_outputs is not None,
                 "activation_checkpointing": cfg.train.activation_checkpointing,
                 "activation_checkpointing_every": cfg.train.activation_checkpointing_every}}
+
+
+def _timed(fn, total: list[float]):
+    """``fn`` that adds its wall time to ``total[0]``."""
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - start
+    return wrapper
+
+
+def _top_ops(profiler: Any, wall: float, n: int = 12) -> list[dict[str, Any]]:
+    """The ``n`` operators with the most self CPU time over the profiled steps, with their share of the wall time
+    (with 2+ threads an operator's CPU time is its wall time: intra-op work is inside the op)."""
+    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
+    return [{"op": e.key, "calls": e.count, "self_seconds": round(e.self_cpu_time_total / 1e6, 3),
+             "share": round(e.self_cpu_time_total / 1e6 / wall, 3)} for e in events]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "model": args.model, "batch": args.batch, "seq": args.seq, "lora_r": args.lora_r, "loss_kind": args.loss,
         "dense": args.dense, "shape": args.shape or "custom", "precision": args.precision,
+        "frozen_cache": args.frozen_cache,
         "naive": naive, "project": project,
         "speedup_tokens_per_s": round(project["tokens_per_s"] / naive["tokens_per_s"], 3),
         "peak_memory_ratio": round(project["peak_rss_gb"] / naive["peak_rss_gb"], 3),

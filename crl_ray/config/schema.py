@@ -289,6 +289,12 @@ class TrainConfig(Section):
         "fp32", description="bf16 = the step's forward passes under bfloat16 autocast (matmuls in bf16; LoRA "
         "weights, gradients and the optimizer stay fp32): 1.7-2.5x the fp32 tokens/s on CPUs with avx512_bf16 or "
         "AMX, loss within 0.3 % of fp32 (docs/LOG.md); slower on CPUs without. On GPU FSDP already computes in bf16.")
+    frozen_cache: bool = Field(
+        False, description="loss.kind crl: compute the frozen model's outputs (h0 at the loss layers, the retain "
+        "rows' final states) once per training set, before training, and reuse them in every step and in every "
+        "trial with the same model, data and layers (node cache ~/.cache/crl_ray/frozen); the step then runs "
+        "only the LoRA passes. Costs memory (rows x selected tokens x layers x hidden size x 4 bytes); pays when "
+        "trials share data or rows repeat (docs/LOG.md).")
 
 
 class ResourcesConfig(Section):
@@ -386,6 +392,12 @@ class EmbeddingAttackConfig(Section):
     batch_size: int = Field(
         8, gt=0, description="Behaviours per batch in the attacks' optimisation and greedy generation; "
         "higher = faster, more memory.",
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16 = the soft-prompt optimisation's passes under bfloat16 autocast (soft prompts "
+        "and Adam stay fp32); whether a behaviour is stopped, and every loss recorded, is decided by an fp32 pass, "
+        "and the generation runs in the model's dtype, so outcomes keep fp32's meaning. Faster on CPUs with "
+        "avx512_bf16 or AMX (docs/LOG.md).",
     )
 
     @model_validator(mode="after")

@@ -355,7 +355,8 @@ class SoftPromptResult:
 
 def optimise_soft_prompts(model: Any, tokenizer: Any, layouts: Sequence[AttackLayout], *,
                           run: EmbeddingRunConfig, steps: int, soft_prompt_tokens: int | None,
-                          batch_size: int, prefixes: Sequence[Prefix] | None = None) -> list[SoftPromptResult]:
+                          batch_size: int, prefixes: Sequence[Prefix] | None = None,
+                          precision: str = "fp32") -> list[SoftPromptResult]:
     """Adam on one soft prompt per behaviour to minimise the target cross-entropy (Schwinn et al. 2024).
 
     Follows the paper's code (``run_soft_opt``): the loss of the current soft prompt is computed first and the
@@ -364,9 +365,16 @@ def optimise_soft_prompts(model: Any, tokenizer: Any, layouts: Sequence[AttackLa
     row leaves the batch and the target columns shrink to the longest remaining target. Each row's gradient is that
     of its own loss, so results match one-at-a-time runs.
     ``prefixes`` (one per batch, from :func:`encode_prefix`) may be passed to share them across configurations.
+
+    ``precision`` bf16: the passes that give the gradients run under bfloat16 autocast; a row whose bf16 loss is
+    below twice the early-stop loss, and every row after the last step, is re-scored by an fp32 pass, and that value
+    is the one recorded and compared with the threshold, so a stop (a success) means what it means in fp32.
     """
     pad, device = pad_id(tokenizer), model_device(model)
     dtype = model.get_input_embeddings().weight.dtype
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    bf16 = precision == "bf16"
     init = _embed(model, init_ids(tokenizer, run.init, soft_prompt_tokens)).detach().float()
     results: list[SoftPromptResult] = []
     for b, start in enumerate(range(0, len(layouts), batch_size)):
@@ -386,11 +394,22 @@ def optimise_soft_prompts(model: Any, tokenizer: Any, layouts: Sequence[AttackLa
             rows = torch.tensor(active, device=device)
             width = int(lengths[rows].max())
             soft = torch.stack([params[i] for i in active]).to(dtype)
-            with torch.set_grad_enabled(step < steps):
+            with torch.set_grad_enabled(step < steps), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                                      enabled=bf16, cache_enabled=False):
                 embeds = torch.cat([soft, tail[rows, : n_after + width]], 1)
                 logits = forward_after_prefix(model, prefix.select(rows), embeds, keep[:width])
                 loss = target_loss(logits, labels[rows, :width])
             values = loss.detach().tolist()
+            if bf16:  # the verdict in fp32: rows near the threshold, and every row's final loss
+                check = [j for j, v in enumerate(values) if v < 2 * run.early_stop_loss or step == steps]
+                if check:
+                    sel = torch.tensor(check, device=device)
+                    with torch.no_grad():
+                        exact = target_loss(forward_after_prefix(model, prefix.select(rows[sel]),
+                                                                 embeds.detach()[sel], keep[:width]),
+                                            labels[rows[sel], :width])
+                    for j, v in zip(check, exact.tolist()):
+                        values[j] = v
             go_on = []
             for j, (i, v) in enumerate(zip(active, values)):
                 losses[i].append(v)
@@ -429,7 +448,7 @@ def _embedding_attack(model: Any, tokenizer: Any, behaviors: Sequence[Behavior],
             started = time.perf_counter()
             soft = optimise_soft_prompts(model, tokenizer, chunk, run=run, steps=ecfg.steps,
                                          soft_prompt_tokens=ecfg.soft_prompt_tokens, batch_size=len(chunk),
-                                         prefixes=[prefix])
+                                         prefixes=[prefix], precision=ecfg.precision)
             inputs = [torch.cat([_embed(model, lay.before_ids), s.embeds.to(dtype), _embed(model, lay.after_ids)])
                       for lay, s in zip(chunk, soft)]
             texts = greedy_generate(model, tokenizer, inputs, max_new_tokens=cfg.max_new_tokens,

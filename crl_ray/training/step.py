@@ -160,15 +160,28 @@ def _gather(hidden: tuple[Tensor, ...] | list[Tensor], select: Tensor, layers: s
     return [h[select][None] if i in layers else None for i, h in enumerate(hidden)]
 
 
+def check_shapes(cached: list[Tensor | None], live: list[Tensor | None], what: str) -> None:
+    """The stored states must select the same positions as the live pass (a stale or foreign cache would not)."""
+    for layer, (a, b) in enumerate(zip(cached, live)):
+        if a is not None and b is not None and a.shape != b.shape:
+            raise RuntimeError(f"frozen cache {what} layer {layer}: {tuple(a.shape)} stored vs {tuple(b.shape)} "
+                               "selected by the step; the cache does not belong to these rows or masks")
+
+
 class StepComputer:
     """Computes the loss of one micro-step; owns nothing but references (model, plan, miner)."""
 
     def __init__(self, cfg: SweepConfig, model: nn.Module, plan: LossPlan, *, miner: Any = None,
-                 collectives: Collectives | None = None, unpad: bool | None = None):
+                 collectives: Collectives | None = None, unpad: bool | None = None, frozen: Any = None):
         self.cfg = cfg
         self.model = model
         self.plan = plan
         self.miner = miner
+        # crl_ray.training.frozen.FrozenOutputs (train.frozen_cache): h0 and the retain logits come from it, by the
+        # batches' "row" indices, and no frozen pass runs
+        self.frozen = frozen
+        if frozen is not None and plan.kind != "crl":
+            raise ValueError(f"train.frozen_cache is implemented for loss.kind crl, not {plan.kind}")
         self.coll = collectives or Collectives()
         if unpad is None:
             unpad = cfg.train.unpad
@@ -209,6 +222,16 @@ class StepComputer:
     def _kl(self, retain: Batch) -> Tensor:
         """The KL term from frozen and LoRA logits at the retain batch's real tokens only."""
         n = self.plan.num_blocks
+        if self.frozen is not None:
+            real = retain["attention_mask"].bool()
+            if self.unpad:
+                _, z = self._states(retain, n, [], frozen=False, unpad=True, logits_select=real)
+            else:
+                cols = logit_columns(retain["attention_mask"])
+                _, z = self._lora(retain, n, cols)
+                z = z[real[:, cols]][None]
+            z0 = self.frozen.retain_logits(retain["row"], self.model)
+            return self._kl_term(z0, z, torch.ones(z.shape[:2], device=z.device), retain)
         if self.unpad:
             real = retain["attention_mask"].bool()
             _, z0 = self._states(retain, n, [], frozen=True, unpad=True, logits_select=real)
@@ -260,11 +283,16 @@ class StepComputer:
         layers_b, layers_h = set(plan.benign_layers), set(plan.target_layers)
         layers = layers_b | layers_h
         loss_kl = None
+        cached = self.frozen is not None
+        if cached:  # h0 from the frozen-output cache: only the LoRA passes run
+            h0_b = self.frozen.gather("benign", benign["row"], depth + 1, mb.device)
+            h0_h = self.frozen.gather("harmful", harmful["row"], depth + 1, mh.device)
         if use_attack:
             # the perturbed harmful pass keeps the padded layout the miner works in (soft prompts sit in padding)
-            (h0_b,), _ = self._states(benign, depth, [(mb, layers_b)], frozen=True, unpad=self.unpad)
+            if not cached:
+                (h0_b,), _ = self._states(benign, depth, [(mb, layers_b)], frozen=True, unpad=self.unpad)
+                (h0_h,), _ = self._states(harmful, depth, [(mh, layers_h)], frozen=True, unpad=False)
             (h_b,), _ = self._states(benign, depth, [(mb, layers_b)], frozen=False, unpad=self.unpad)
-            (h0_h,), _ = self._states(harmful, depth, [(mh, layers_h)], frozen=True, unpad=False)
             with self.miner.applied(slice(0, nh), soft_mask):
                 (h_h,), _ = self._states(harmful_in, depth, [(mh, layers)], frozen=False, unpad=False)
         elif self.unpad and depth == plan.num_blocks:
@@ -273,18 +301,25 @@ class StepComputer:
             every = _cat(_cat(benign, harmful), retain)
             masks = [mb, mh, retain["attention_mask"]]
             sel_b, sel_h, sel_r = _only(masks, 0), _only(masks, 1), _only(masks, 2)
-            (h0_b, h0_h), z0 = self._states(every, depth, [(sel_b, layers_b), (sel_h, layers_h)], frozen=True,
-                                            unpad=True, logits_select=sel_r)
+            if cached:
+                z0 = self.frozen.retain_logits(retain["row"], self.model)
+            else:
+                (h0_b, h0_h), z0 = self._states(every, depth, [(sel_b, layers_b), (sel_h, layers_h)], frozen=True,
+                                                unpad=True, logits_select=sel_r)
             (h_b, h_h), z = self._states(every, depth, [(sel_b, layers_b), (sel_h, layers)], frozen=False,
                                          unpad=True, logits_select=sel_r)
             loss_kl = self._kl_term(z0, z, torch.ones(z.shape[:2], device=z.device), retain)
         else:  # benign and harmful rows in one frozen and one LoRA pass
             both = _cat(benign, harmful)
             sel_b, sel_h = _only([mb, mh], 0), _only([mb, mh], 1)
-            (h0_b, h0_h), _ = self._states(both, depth, [(sel_b, layers_b), (sel_h, layers_h)], frozen=True,
-                                           unpad=self.unpad)
+            if not cached:
+                (h0_b, h0_h), _ = self._states(both, depth, [(sel_b, layers_b), (sel_h, layers_h)], frozen=True,
+                                               unpad=self.unpad)
             (h_b, h_h), _ = self._states(both, depth, [(sel_b, layers_b), (sel_h, layers)], frozen=False,
                                          unpad=self.unpad)
+        if cached:
+            check_shapes(h0_b, h_b, "benign")
+            check_shapes(h0_h, h_h, "harmful")
 
         count_b, count_h = self._global_count(mb), self._global_count(mh)
         centroids = {layer: self.coll.sum_grad(h_h[layer].float().sum(dim=(0, 1))) / count_h

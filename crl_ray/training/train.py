@@ -94,7 +94,7 @@ def micro_batch(ds: Any, micro_index: int, *, rank: int, world_size: int, micro_
         epoch, pos = divmod(offset, n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         rows.append(int(perm[pos]))
-    return ds[rows]
+    return {**ds[rows], "row": torch.tensor(rows, dtype=torch.long)}  # row: the frozen-output cache's index
 
 
 # ============================================================================================ the worker
@@ -191,12 +191,16 @@ class Worker:
                           request_len=cfg.data.max_request_tokens,
                           placeholder_id=placeholder[0] if placeholder else pad_id(self.tokenizer))
         self.miner = miner
-        self.computer = StepComputer(cfg, model, self.plan, miner=miner, collectives=self.collectives)
+        self.computer = StepComputer(cfg, model, self.plan, miner=miner, collectives=self.collectives,
+                                     frozen=self.frozen)
 
     def _build_data(self) -> None:
         import datasets
 
+        from crl_ray.training.frozen import FROZEN_FILE, FrozenOutputs
+
         self.data = {}
+        self.frozen = None
         with local_copy(self.data_dir) as data_dir:  # an object store: a temporary copy on this node
             for name in DATA_GROUPS:
                 ds = datasets.load_from_disk(str(data_dir / name), keep_in_memory=True)
@@ -204,6 +208,11 @@ class Worker:
                 if len(ds) == 0:
                     raise ValueError(f"data.{name} is empty after dropping evaluation behaviours; add rows")
                 self.data[name] = ds
+            if self.cfg.train.frozen_cache:
+                if not (data_dir / FROZEN_FILE).is_file():
+                    raise FileNotFoundError(f"train.frozen_cache is on but {self.data_dir} has no {FROZEN_FILE}; "
+                                            "the data were prepared without it: prepare them again")
+                self.frozen = FrozenOutputs.load(data_dir / FROZEN_FILE, self.device)
 
     def _build_optimizer(self) -> None:
         from transformers import get_scheduler
@@ -437,6 +446,11 @@ def prepare_data(cfg: SweepConfig, out: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     for name in DATA_GROUPS:
         getattr(data, name).save_to_disk(str(staging / name))
+    if cfg.train.frozen_cache:  # the frozen model's outputs, once for these rows (crl_ray.training.frozen)
+        from crl_ray.training.frozen import FROZEN_FILE, cached_frozen, data_columns
+
+        columns = data_columns({name: getattr(data, name) for name in DATA_GROUPS})
+        cached_frozen(cfg, columns, staging / FROZEN_FILE, cache_dir() / "frozen")
     (staging / "provenance.json").write_text(json.dumps(data.provenance, indent=2, default=str))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
