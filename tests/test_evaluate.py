@@ -324,3 +324,18 @@ def test_default_output_folders_never_overwrite(tmp_path):
 def test_judge_check_errors_name_the_flag(tmp_path, capsys):
     code, _, err = run_cli(["judge-check", "--judge", "classifier", "--judge-model", str(tmp_path)], capsys)
     assert code == 2 and "--judge-model: cannot load" in err and "eval.judge_model" not in err
+
+
+def test_harmbench_without_the_standard_filter_is_warned_about(caplog) -> None:
+    from crl_ray.config import DataSource
+    from crl_ray.evaluate.cli import warn_non_standard
+
+    with caplog.at_level("WARNING", logger="crl_ray.evaluate"):
+        assert warn_non_standard(DataSource(source="harmbench_test"), 320, None) == 161
+    assert "161 of the 320 harmbench_test" in caplog.text and "FunctionalCategory=standard" in caplog.text
+    caplog.clear()
+    standard = DataSource(source="harmbench_test", where={"FunctionalCategory": "standard"})
+    assert warn_non_standard(standard, 159, None) == 0
+    assert warn_non_standard(DataSource(source="advbench"), 520, None) == 0
+    assert warn_non_standard(DataSource(source="harmbench_val"), 5, 5) == 0  # a --limit: the user picked rows
+    assert not caplog.text

@@ -151,6 +151,28 @@ _FLAG_KEYS = {"model.name": "--model", "eval.attacks": "--attacks", "eval.judge"
               "eval.judge_model": "--judge-model", "eval.behaviors": "--behaviors", "eval.limit": "--limit"}
 
 
+HARMBENCH_SOURCES = ("harmbench_val", "harmbench_test")
+
+
+def warn_non_standard(src: Any, count: int, limit: int | None) -> int:
+    """Warn when an embedded HarmBench set is used without the standard-behaviour filter: its contextual and
+    copyright behaviours carry a context string (or a copyrighted text) that the attacks do not use, so their ASR
+    is not comparable. Returns how many of the ``count`` behaviours are not standard ones."""
+    if src.source not in HARMBENCH_SOURCES or "FunctionalCategory" in src.where or limit is not None:
+        return 0
+    from crl_ray.config import DataSource
+    from crl_ray.evaluate.attacks import load_behaviors
+
+    standard = len(load_behaviors(DataSource(source=src.source, where={"FunctionalCategory": "standard"})))
+    other = count - standard
+    if other > 0:
+        log.warning("%d of the %d %s behaviours are contextual or copyright ones, whose context the attacks do not "
+                    "use; for the %d standard ones (eval.behaviors' default) add "
+                    "eval.behaviors.where.FunctionalCategory=standard, or set eval.behaviors.source=%s to keep the "
+                    "config's filter", other, count, src.source, standard, src.source)
+    return other
+
+
 def check_disjoint(behaviors: Sequence[Any], train_cfg: SweepConfig, source: str) -> None:
     """Raise UserError when an evaluation behaviour is also a prompt the sweep trained on."""
     from crl_ray.data import normalise
@@ -200,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--judge", help=f"judge: {', '.join(get_args(JudgeName))} (default: eval.judge)")
     parser.add_argument("--judge-model", help="classifier judge model, HF id or folder (eval.judge_model)")
     parser.add_argument("--behaviors", help="behaviour set: embedded name, .csv/.jsonl/.parquet file or HF dataset "
-                        "id; replaces eval.behaviors, filters included")
+                        "id; replaces eval.behaviors, filters included (an embedded HarmBench set without a FunctionalCategory "
+                        "filter is warned about: its contextual and copyright behaviours' context is not used)")
     parser.add_argument("--limit", type=_positive, help="evaluate only the first N behaviours (eval.limit)")
     parser.add_argument("--out", type=Path, help="output folder (default: <storage.path>/eval/<model>)")
     parser.add_argument("--config", help="sweep file: its eval/objective settings, and its training data is "
@@ -293,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         behaviors = load_behaviors(cfg.eval.behaviors, "--behaviors" if args.behaviors else "eval.behaviors",
                                    limit=cfg.eval.limit)
+        warn_non_standard(cfg.eval.behaviors, len(behaviors), cfg.eval.limit)
         if train_cfg is not None:
             check_disjoint(behaviors, train_cfg, args.config)
         root = Path(train_cfg.storage.path if train_cfg is not None else StorageConfig().path).expanduser()
