@@ -339,3 +339,36 @@ def test_harmbench_without_the_standard_filter_is_warned_about(caplog) -> None:
     assert warn_non_standard(DataSource(source="advbench"), 520, None) == 0
     assert warn_non_standard(DataSource(source="harmbench_val"), 5, 5) == 0  # a --limit: the user picked rows
     assert not caplog.text
+
+
+def test_base_figures_are_computed_once_per_model_and_inputs(model_dir, tmp_path, monkeypatch):
+    """The base model's MMLU, target NLLs and KL answers are the same for every trial: the second evaluation of
+    another adapter reads them from the node cache (and gets the same figures); other inputs recompute."""
+    import crl_ray.evaluate.capability as capability
+    import crl_ray.data.generate as generate
+
+    monkeypatch.setenv("CRL_RAY_CACHE", str(tmp_path / "cache"))
+    calls = {"mmlu": 0, "nll": 0, "generate": 0}
+    for name, module, key in (("mmlu_accuracy", capability, "mmlu"), ("target_nll", capability, "nll"),
+                              ("generate_answers", generate, "generate")):
+        original = getattr(module, name)
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    cfg = standalone_config({"model": {"name": str(model_dir)}, "eval": small(kl_limit=2, mmlu={"subset_size": 2})})
+    first = evaluate_adapter(cfg, lora_adapter(model_dir, tmp_path / "a1"), out_dir=tmp_path / "e1", seed=0)
+    after_first = dict(calls)
+    assert after_first["mmlu"] == 2 and after_first["nll"] == 2  # the adapted model and the base
+    second = evaluate_adapter(cfg, lora_adapter(model_dir, tmp_path / "a2"), out_dir=tmp_path / "e2", seed=0)
+    assert calls["mmlu"] - after_first["mmlu"] == 1 and calls["nll"] - after_first["nll"] == 1
+    # the base answers (over-refusal and KL prompts) come from the generation cache: only the adapted model's
+    # answers are generated again
+    assert calls["generate"] - after_first["generate"] < after_first["generate"]
+    for key in ("eval/mmlu_base", "eval/target_nll_base", "eval/ppl_benign_base", "eval/degeneracy_base"):
+        assert second.metrics[key] == pytest.approx(first.metrics[key]), key
+    other = standalone_config({"model": {"name": str(model_dir)}, "eval": small(kl_limit=2, mmlu={"subset_size": 3})})
+    evaluate_adapter(other, lora_adapter(model_dir, tmp_path / "a3"), out_dir=tmp_path / "e3", seed=0)
+    assert calls["mmlu"] - after_first["mmlu"] == 3  # another question set: the base is measured again

@@ -366,12 +366,14 @@ def reference_model(model: Any) -> Iterator[Any]:
 
 @torch.inference_mode()
 def benign_drift(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
-                 reference: Any = None, progress: bool = False) -> DriftResult:
+                 reference: Any = None, progress: bool = False,
+                 base_answers: Sequence[str] | None = None) -> DriftResult:
     """How far ``model`` moved from the base model on benign text.
 
-    The base model (``reference``, default :func:`reference_model`) answers each prompt greedily; on those
-    answer tokens (end-of-turn included) this computes the token-mean KL(p_base || p_model) and the
-    perplexity exp(mean NLL) of both models. KL is 0 for the base model itself; higher = more drift.
+    The base model (``reference``, default :func:`reference_model`) answers each prompt greedily (or
+    ``base_answers`` are those answers, e.g. from the generation cache); on those answer tokens (end-of-turn
+    included) this computes the token-mean KL(p_base || p_model) and the perplexity exp(mean NLL) of both models.
+    KL is 0 for the base model itself; higher = more drift.
     """
     from crl_ray.data.generate import generate_answers
 
@@ -380,9 +382,14 @@ def benign_drift(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_
     def base() -> contextlib.AbstractContextManager:
         return reference_model(model) if reference is None else contextlib.nullcontext(reference)
 
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=0.0)
-    with base() as ref:
-        answers = generate_answers(prompts, model=ref, tokenizer=tokenizer, cfg=gen, desc="base answers")
+    if base_answers is not None:
+        if len(base_answers) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(base_answers)} base answers")
+        answers = list(base_answers)
+    else:
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=0.0)
+        with base() as ref:
+            answers = generate_answers(prompts, model=ref, tokenizer=tokenizer, cfg=gen, desc="base answers")
     eot = end_of_turn_id(tokenizer)
     requests = [build_request(tokenizer, p) for p in prompts]
     seqs = [r + tokenizer(a, add_special_tokens=False)["input_ids"] + [eot] for r, a in zip(requests, answers)]

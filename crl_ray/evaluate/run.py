@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import Field
 
@@ -163,9 +163,14 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
     t0 = time.perf_counter()
     mmlu = mmlu_accuracy(model, tokenizer, ev.mmlu, batch_size=ev.batch_size, progress=progress)
     mmlu_base = mmlu.accuracy
-    if _has_adapter(model):
-        with reference_model(model) as base:
-            mmlu_base = mmlu_accuracy(base, tokenizer, ev.mmlu, batch_size=ev.batch_size).accuracy
+    if _has_adapter(model):  # the base model's figure: the same for every trial, cached
+
+        def base_mmlu() -> float:
+            with reference_model(model) as base:
+                return mmlu_accuracy(base, tokenizer, ev.mmlu, batch_size=ev.batch_size).accuracy
+
+        mmlu_base = base_value(cfg, "mmlu", {"mmlu": ev.mmlu.model_dump(mode="json"), "batch_size": ev.batch_size},
+                               base_mmlu)
     seconds["mmlu"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -180,15 +185,22 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
     t0 = time.perf_counter()
     kl_prompts = _prompts(ev.kl_prompts, "eval.kl_prompts", ev.kl_limit, exclude=training_prompts(cfg))
     drift = benign_drift(model, tokenizer, kl_prompts, max_new_tokens=ev.max_new_tokens,
-                         batch_size=ev.batch_size, progress=progress)
+                         batch_size=ev.batch_size, progress=progress,
+                         base_answers=_base_answers(cfg, model, tokenizer, kl_prompts))  # cached
     seconds["kl"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     targets = target_nll(model, tokenizer, [b.prompt for b in behaviors], [b.target for b in behaviors],
                          batch_size=ev.batch_size)
-    with reference_model(model) as base:
-        targets_base = target_nll(base, tokenizer, [b.prompt for b in behaviors], [b.target for b in behaviors],
-                                  batch_size=ev.batch_size)
+
+    def base_targets() -> list[float]:
+        with reference_model(model) as base:
+            return target_nll(base, tokenizer, [b.prompt for b in behaviors], [b.target for b in behaviors],
+                              batch_size=ev.batch_size)
+
+    targets_base = (targets if not _has_adapter(model) else
+                    base_value(cfg, "target_nll", {"behaviors": [[b.prompt, b.target] for b in behaviors],
+                                                   "batch_size": ev.batch_size}, base_targets))
     layers = _signal_layers(cfg, model)
     signals = {
         "eval/target_nll": _mean(targets), "eval/target_nll_base": _mean(targets_base),
@@ -390,6 +402,40 @@ def _base_answers(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, p
     with reference_model(model) as base:
         return cached_answers(prompts, model_id=cfg.model.name, revision=cfg.model.revision, cfg=gen, system=None,
                               cache_dir=cache_dir() / "generations", load_model=lambda: (base, tokenizer))
+
+
+BASE_VALUE_VERSION = "1"  # bump when a change here or in the measured functions changes a base figure
+
+
+def base_value(cfg: SweepConfig | EvalSettings, kind: str, inputs: dict[str, Any], compute: Callable[[], Any]) -> Any:
+    """A figure of the base model (adapter disabled) that every trial of a sweep would recompute identically
+    (MMLU accuracy, target NLLs): from the node cache (``~/.cache/crl_ray/eval_base``), or ``compute()`` once and
+    stored. The key covers the model (name, revision, dtype), ``kind``, ``inputs`` (questions, prompts, batch
+    size: everything the figure depends on) and the library versions."""
+    import hashlib
+
+    from filelock import FileLock
+
+    from crl_ray.data.assets import cache_dir
+    from crl_ray.data.generate import library_versions
+
+    blob = json.dumps({"version": BASE_VALUE_VERSION, "kind": kind, "model": cfg.model.model_dump(mode="json"),
+                       "inputs": inputs, "libraries": library_versions()}, sort_keys=True, default=str)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:24]
+    folder = cache_dir() / "eval_base"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{kind}-{key}.json"
+    with FileLock(str(folder / f"{kind}-{key}.lock")):
+        if path.is_file():
+            try:
+                value = json.loads(path.read_text())["value"]
+                log.info("base-model %s from the cache (%s)", kind, path.name)
+                return value
+            except (ValueError, KeyError) as exc:
+                log.warning("base-model cache %s unreadable (%s); recomputing", path.name, exc)
+        value = compute()
+        _write_atomic(path, json.dumps({"kind": kind, "value": value}, allow_nan=True))
+        return value
 
 
 def _embedding_signals(results: Sequence[Any], ev: Any) -> dict[str, float]:
