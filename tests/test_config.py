@@ -350,3 +350,12 @@ def test_resources_derive_each_value_in_one_place(monkeypatch) -> None:
     assert gpu.per_trial() == (8.0, 2.0)
     assert gpu.worker_task() == gpu.evaluation_task() == {"num_cpus": 2.0, "num_gpus": 0.5}
     assert ResourcesConfig(num_workers=0, cpus_per_worker=2).per_trial() == (2.0, 0.0)  # in-process: one worker
+
+
+def test_a_bare_yaml_off_means_off() -> None:
+    """YAML 1.1 reads `off` as false: `train.activation_checkpointing: off` (file or override) must still work."""
+    cfg, _ = load_config(SMOKE, ["train.activation_checkpointing=off"])
+    assert cfg.train.activation_checkpointing == "off"
+    assert yaml.safe_load("activation_checkpointing: off") == {"activation_checkpointing": False}
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        load_config(SMOKE, ["train.activation_checkpointing=true"])

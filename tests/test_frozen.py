@@ -113,12 +113,20 @@ def test_a_model_whose_logits_are_not_its_head_is_refused(tiny_model_dir):  # no
         compute_frozen(model, dict(zip(("benign", "harmful", "retain"), _batches(3))), FrozenSpec.of(cfg, plan))
 
 
-def test_keyed_cache_hits_for_the_same_rows_and_misses_on_any_change(tiny_model_dir, tmp_path, caplog):  # noqa: F811
+def test_keyed_cache_hits_for_the_same_rows_and_misses_on_any_change(tiny_model_dir, tmp_path, caplog,  # noqa: F811
+                                                                      monkeypatch):
+    import crl_ray.data
+
     cfg = make_cfg(tiny_model_dir, loss=LOSS)
     data = dict(zip(("benign", "harmful", "retain"), _batches(3)))
     cache = tmp_path / "cache"
     with caplog.at_level("INFO", logger="crl_ray.training.frozen"):
         key = cached_frozen(cfg, data, tmp_path / "a.pt", cache)
+
+        def no_model(*args, **kwargs):
+            raise AssertionError("a cache hit must not load the model")
+
+        monkeypatch.setattr(crl_ray.data, "load_model_and_tokenizer", no_model)
         again = cached_frozen(cfg, data, tmp_path / "b.pt", cache)
     assert key == again and "cache miss" in caplog.text and "cache hit" in caplog.text
     a, b = FrozenOutputs.load(tmp_path / "a.pt"), FrozenOutputs.load(tmp_path / "b.pt")

@@ -296,6 +296,11 @@ class TrainConfig(Section):
         "only the LoRA passes. Costs memory (rows x selected tokens x layers x hidden size x 4 bytes); pays when "
         "trials share data or rows repeat (docs/LOG.md).")
 
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
 
 class ResourcesConfig(Section):
     num_workers: int = Field(2, ge=0, description="Ray Train workers per trial (0 = in-process, tests only).")

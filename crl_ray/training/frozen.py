@@ -167,14 +167,15 @@ def compute_frozen(model: Any, data: Mapping[str, Mapping[str, Tensor]], spec: F
                 for start in range(0, total, batch_rows):
                     batch = {k: v[start:start + batch_rows] for k, v in columns.items() if isinstance(v, Tensor)}
                     mask = spec.mask(group, batch)
-                    check = group == "retain" and start == 0
-                    cols = torch.arange(batch["input_ids"].shape[1]) if check else None
-                    hidden, logits = forward_hidden(model, batch, depth, logits_positions=cols)
+                    hidden, _ = forward_hidden(model, batch, depth)
                     for layer in layers:
                         kept[layer].append(hidden[layer][mask].float().cpu())
                     counts += mask.sum(1).tolist()
-                    if check:
-                        _check_head(model, hidden[spec.final_layer][mask], logits[mask])
+                    if group == "retain" and start == 0:  # one row: its logits are [T, vocab]
+                        first = {k: v[:1] for k, v in batch.items()}
+                        cols = torch.arange(first["input_ids"].shape[1], device=first["input_ids"].device)
+                        hidden, logits = forward_hidden(model, first, depth, logits_positions=cols)
+                        _check_head(model, hidden[spec.final_layer][mask[:1]], logits[mask[:1]])
                 offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
                 offsets[1:] = torch.tensor(counts, dtype=torch.long).cumsum(0)
                 groups[group] = {"offsets": offsets, "layers": {layer: torch.cat(v) for layer, v in kept.items()}}
@@ -213,12 +214,11 @@ def cached_frozen(cfg: Any, data: Mapping[str, Mapping[str, Tensor]], out: Path,
     base model loaded here) and cached; returns the key."""
     from filelock import FileLock
 
-    from crl_ray.data import load_model_and_tokenizer
-    from crl_ray.training.model import num_blocks
+    import crl_ray.data
     from crl_ray.training.step import LossPlan
+    from crl_ray.validate import model_info
 
-    model, _ = load_model_and_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.dtype)
-    spec = FrozenSpec.of(cfg, LossPlan.from_config(cfg, num_blocks(model)))
+    spec = FrozenSpec.of(cfg, LossPlan.from_config(cfg, model_info(cfg.model.name, cfg.model.revision).num_blocks))
     key = frozen_key(cfg, spec, data)
     cache_dir.mkdir(parents=True, exist_ok=True)
     entry = cache_dir / f"{key}.pt"
@@ -228,7 +228,14 @@ def cached_frozen(cfg: Any, data: Mapping[str, Mapping[str, Tensor]], out: Path,
         else:
             rows = sum(int(c["input_ids"].shape[0]) for c in data.values())
             logger.info("frozen-output cache miss: one frozen pass over %d rows (%s)", rows, entry.name)
-            compute_frozen(model, data, spec, key=key).save(entry)
+            # the base model in its dtype, on the GPU when this process has one (the data task on a GPU node)
+            model, _ = crl_ray.data.load_model_and_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.dtype)
+            if torch.cuda.is_available():
+                model.to("cuda")
+            device = next(model.parameters()).device
+            on_device = {g: {k: v.to(device) for k, v in c.items()} for g, c in data.items()}
+            compute_frozen(model, on_device, spec, key=key).save(entry)
+            del model
     shutil.copyfile(entry, out)
     return key
 

@@ -10,7 +10,9 @@ every block and the LM head), it does only the work the loss needs and computes 
   (the rows' position ids are kept, so every token sees what it saw padded);
 - benign and harmful rows share one frozen pass and one LoRA pass (unless a miner perturbs the harmful pass);
   unpadded, when those passes are full depth anyway, the retain rows join them too (logits at their tokens only);
-- the loss terms read only the token positions their masks select (gathered once per layer).
+- the loss terms read only the token positions their masks select (gathered once per layer);
+- ``train.frozen_cache`` (crl): no frozen pass at all; h0 and the retain rows' final states come from
+  :class:`crl_ray.training.frozen.FrozenOutputs`, computed once per training set, by the batches' ``row`` indices.
 
 Data parallel: token counts, centroids and the number of KL sequences are summed over ranks (``Collectives``),
 so rank r returns its share of the *global* loss; the backward value is multiplied by the world size because
