@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import build_worker, lora_model, make_cfg, tiny_model_dir  # noqa: F401 (fixture)
+from test_train import build_worker, lora_model, make_cfg, ray_cluster, tiny_model_dir  # noqa: F401 (fixtures)
 from torch.testing import assert_close
 
 from crl_ray.config import parse_config
@@ -170,15 +170,6 @@ def test_worker_with_mining_and_frozen_cache_matches_inline(tiny_model_dir, tmp_
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-5), key
 
 
-@pytest.fixture()
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_two_fsdp_workers_with_frozen_cache_match_inline(tiny_model_dir, tmp_path, ray_cluster):  # noqa: F811
     """FSDP2 shards the LM head the cached retain logits need: 2 gloo workers x batch 1 with the cache = 1 process x
@@ -188,9 +179,9 @@ def test_two_fsdp_workers_with_frozen_cache_match_inline(tiny_model_dir, tmp_pat
     train = {"steps": 2, "grad_accum": 1, "checkpoint_every": 2}
     local = run_training(make_cfg(tiny_model_dir, loss=LOSS, train={**train, "micro_batch_size": 2}),
                          run_name="local", storage_path=tmp_path)
-    dist = run_training(make_cfg(tiny_model_dir, loss=LOSS, train={**train, "micro_batch_size": 1, "frozen_cache": True},
-                                 resources={"num_workers": 2, "cpus_per_worker": 1}),
-                        run_name="fsdp", storage_path=tmp_path)
+    cached = make_cfg(tiny_model_dir, loss=LOSS, train={**train, "micro_batch_size": 1, "frozen_cache": True},
+                      resources={"num_workers": 2, "cpus_per_worker": 1})
+    dist = run_training(cached, run_name="fsdp", storage_path=tmp_path)
     assert (tmp_path / "fsdp" / "data" / FROZEN_FILE).is_file()
     assert not (tmp_path / "local" / "data" / FROZEN_FILE).exists()
     for key in ("train/loss", "train/loss_kl", "train/grad_norm"):

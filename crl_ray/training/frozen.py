@@ -23,6 +23,7 @@ frozen passes up to float summation order (padded vs packed rows): ~1e-6 relativ
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -88,7 +89,8 @@ class FrozenOutputs:
         parts = [torch.arange(int(offsets[r]), int(offsets[r + 1])) for r in rows.tolist()]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
-    def gather(self, group: str, rows: Tensor, num_layers: int, device: torch.device | None = None) -> list[Tensor | None]:
+    def gather(self, group: str, rows: Tensor, num_layers: int,
+               device: torch.device | None = None) -> list[Tensor | None]:
         """Per hidden-state index ``0..num_layers - 1``, the stored ``[1, M, D]`` states of ``rows`` (dataset row
         indices, in this order) for the group's layers, None elsewhere: what ``StepComputer._states`` returns."""
         index = self._index(group, rows)
@@ -118,15 +120,14 @@ class FrozenOutputs:
     def save(self, path: Path) -> None:
         from crl_ray.storage import atomic_write
 
-        import io
-
         buf = io.BytesIO()
         torch.save({"version": FROZEN_VERSION, "key": self.key, "spec": self.spec.__dict__, "groups": self.groups}, buf)
         atomic_write(path, buf.getvalue())
 
     @classmethod
-    def load(cls, path: Path, device: torch.device | None = None) -> "FrozenOutputs":
-        data = torch.load(path, map_location=device or "cpu", weights_only=True)
+    def load(cls, path: Path) -> "FrozenOutputs":
+        """Into host memory; the step moves the rows it reads to its device."""
+        data = torch.load(path, map_location="cpu", weights_only=True)
         if data.get("version") != FROZEN_VERSION:
             raise ValueError(f"{path}: frozen cache version {data.get('version')!r}, this crl_ray writes "
                              f"{FROZEN_VERSION!r}; prepare the data again")
@@ -196,12 +197,12 @@ def _check_head(model: Any, final: Tensor, logits: Tensor) -> None:
 # ============================================================================================ the keyed cache
 def frozen_key(cfg: Any, spec: FrozenSpec, data: Mapping[str, Mapping[str, Tensor]]) -> str:
     """Hash of everything the stored values depend on."""
-    import transformers
+    from crl_ray.data.generate import library_versions
 
     h = hashlib.sha256()
     h.update(json.dumps({"version": FROZEN_VERSION, "model": cfg.model.name, "revision": cfg.model.revision,
-                         "dtype": cfg.model.dtype, "spec": spec.__dict__, "torch": torch.__version__,
-                         "transformers": transformers.__version__}, sort_keys=True, default=str).encode())
+                         "dtype": cfg.model.dtype, "spec": spec.__dict__, "libraries": library_versions()},
+                        sort_keys=True, default=str).encode())
     for group in sorted(data):
         for column in ("input_ids", "attention_mask", "position_ids", "request_mask", "response_mask"):
             h.update(f"{group}/{column}".encode())

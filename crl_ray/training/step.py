@@ -222,27 +222,21 @@ class StepComputer:
         return [_gather(hidden, select[real][None], layers) for select, layers in selects], logits
 
     def _kl(self, retain: Batch) -> Tensor:
-        """The KL term from frozen and LoRA logits at the retain batch's real tokens only."""
+        """The KL term from frozen and LoRA logits at the retain batch's real tokens only (frozen ones from the
+        frozen-output cache when there is one)."""
         n = self.plan.num_blocks
-        if self.frozen is not None:
-            real = retain["attention_mask"].bool()
-            if self.unpad:
-                _, z = self._states(retain, n, [], frozen=False, unpad=True, logits_select=real)
-            else:
-                cols = logit_columns(retain["attention_mask"])
-                _, z = self._lora(retain, n, cols)
-                z = z[real[:, cols]][None]
-            z0 = self.frozen.retain_logits(retain["row"], self.model)
-            return self._kl_term(z0, z, torch.ones(z.shape[:2], device=z.device), retain)
+        real = retain["attention_mask"].bool()
         if self.unpad:
-            real = retain["attention_mask"].bool()
-            _, z0 = self._states(retain, n, [], frozen=True, unpad=True, logits_select=real)
-            _, z = self._states(retain, n, [], frozen=False, unpad=True, logits_select=real)
-            return self._kl_term(z0, z, torch.ones(z.shape[:2], device=z.device), retain)
-        cols = logit_columns(retain["attention_mask"])
-        _, z0 = self._frozen(retain, n, cols)
-        _, z = self._lora(retain, n, cols)
-        return self._kl_term(z0, z, retain["attention_mask"][:, cols], retain)
+            def logits(frozen: bool) -> Tensor:
+                return self._states(retain, n, [], frozen=frozen, unpad=True, logits_select=real)[1]
+        else:  # logits at the columns where any row has a real token, then the real tokens' rows only
+            cols = logit_columns(retain["attention_mask"])
+
+            def logits(frozen: bool) -> Tensor:
+                return (self._frozen if frozen else self._lora)(retain, n, cols)[1][real[:, cols]][None]
+        z0 = self.frozen.retain_logits(retain["row"], self.model) if self.frozen is not None else logits(True)
+        z = logits(False)
+        return self._kl_term(z0, z, torch.ones(z.shape[:2], device=z.device), retain)
 
     def _kl_term(self, z0: Tensor, z: Tensor, mask: Tensor, retain: Batch) -> Tensor:
         """kl_retain over the masked logits, "batchmean" over the retain sequences of all ranks."""

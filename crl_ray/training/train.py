@@ -212,7 +212,7 @@ class Worker:
                 if not (data_dir / FROZEN_FILE).is_file():
                     raise FileNotFoundError(f"train.frozen_cache is on but {self.data_dir} has no {FROZEN_FILE}; "
                                             "the data were prepared without it: prepare them again")
-                self.frozen = FrozenOutputs.load(data_dir / FROZEN_FILE)  # host memory; steps move their rows
+                self.frozen = FrozenOutputs.load(data_dir / FROZEN_FILE)
 
     def _build_optimizer(self) -> None:
         from transformers import get_scheduler
