@@ -306,6 +306,7 @@ def start_ray(cfg: SweepConfig) -> bool:
     address = cfg.resources.address()
     if address:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=RUNTIME_ENV)
+        _remove_orphans()
         return True
     plan = resource_plan(cfg)
     num_cpus = max(int(plan.cluster_cpus or 1), math.ceil(plan.concurrency * plan.cpus_per_trial))
@@ -441,7 +442,17 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
         if target is not None:
             _close_sweep_run(target, interrupted)
         if started:
+            if cfg.resources.address():  # a cluster outlives this sweep: leave none of its reservations behind
+                _remove_orphans()
             ray.shutdown()
+
+
+def _remove_orphans() -> None:
+    """Free a shared cluster's resources that a killed run left reserved (crl_ray.sweep.cluster.orphaned)."""
+    from crl_ray.sweep.cluster import remove_orphaned_placement_groups
+
+    for line in remove_orphaned_placement_groups():
+        log.warning("freed resources an interrupted run left reserved: placement group %s", line)
 
 
 def prepare_judge(cfg: SweepConfig) -> None:
