@@ -242,6 +242,9 @@ def test_reduced_smoke_sweep_interrupted_resumes_and_completes(two_nodes, tmp_pa
     assert second.returncode == 0, out[-6000:]
     assert "resuming it" in out
     print(f"\n{mode}: interrupted after trial {finished_id}, resumed, finished in {wall:.0f} s")
+    # nothing of the interrupted run still holds the worker node (a leaked placement group hung CI at stop 17)
+    assert _driver("from crl_ray.sweep.cluster import orphaned, placement_group_records\n"
+                   "result = [g.id for g in orphaned(*placement_group_records())]", two_nodes.port, two_nodes.env) == []
 
     assert summary.stat().st_mtime_ns == stamp  # the finished trial was not evaluated again
     trials = sorted(p.name for p in (state / "trials").iterdir())
