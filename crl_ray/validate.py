@@ -159,9 +159,9 @@ def semantic_problems(cfg: SweepConfig, info: ModelInfo | None, prefix: str = ""
         if mining.enabled:
             p.append(Problem(prefix + "mining.enabled", f"mining is part of the CRL method, not {loss.kind}",
                              True, "set mining.enabled: false or loss.kind: crl"))
-        if cfg.train.frozen_cache:
+        if cfg.train.frozen_cache is True:
             p.append(Problem(prefix + "train.frozen_cache", f"implemented for loss.kind crl, not {loss.kind}",
-                             True, "set train.frozen_cache: false or loss.kind: crl"))
+                             True, "set train.frozen_cache: auto (on for crl only) or false, or loss.kind: crl"))
     for kind in ("circuit_breakers", "repbend"):
         if kind in loss.model_fields_set and loss.kind != kind:
             p.append(Problem(prefix + f"loss.{kind}", f"settings for loss.kind {kind}, but kind is {loss.kind}",

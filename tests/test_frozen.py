@@ -91,6 +91,12 @@ def test_stale_rows_and_other_kinds_are_refused(tiny_model_dir):  # noqa: F811
     assert len(problems) == 1 and "loss.kind: crl" in problems[0].fix
     assert not [p for p in semantic_problems(make_cfg(tiny_model_dir, train={"frozen_cache": True}), None)
                 if p.path == "train.frozen_cache"]
+    # auto: on for crl, off (and no error) for the other kinds, so a CRL file can be swapped to another kind
+    auto_cb = make_cfg(tiny_model_dir, loss={"kind": "circuit_breakers"}, train={"frozen_cache": "auto"})
+    assert not auto_cb.frozen_cache and not [p for p in semantic_problems(auto_cb, None)
+                                             if p.path == "train.frozen_cache"]
+    assert make_cfg(tiny_model_dir, train={"frozen_cache": "auto"}).frozen_cache
+    assert not make_cfg(tiny_model_dir, train={"frozen_cache": False}).frozen_cache
     with pytest.raises(ValueError, match="loss.kind crl"):
         cb_model, cb_plan = lora_model(cb)
         StepComputer(cb, cb_model, cb_plan, frozen=frozen)

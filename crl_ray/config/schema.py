@@ -289,12 +289,13 @@ class TrainConfig(Section):
         "fp32", description="bf16 = the step's forward passes under bfloat16 autocast (matmuls in bf16; LoRA "
         "weights, gradients and the optimizer stay fp32): 1.7-2.5x the fp32 tokens/s on CPUs with avx512_bf16 or "
         "AMX, loss within 0.3 % of fp32 (docs/LOG.md); slower on CPUs without. On GPU FSDP already computes in bf16.")
-    frozen_cache: bool = Field(
+    frozen_cache: bool | Literal["auto"] = Field(
         False, description="loss.kind crl: compute the frozen model's outputs (h0 at the loss layers, the retain "
         "rows' final states) once per training set, before training, and reuse them in every step and in every "
         "trial with the same model, data and layers (node cache ~/.cache/crl_ray/frozen); the step then runs "
-        "only the LoRA passes. Costs memory (rows x selected tokens x layers x hidden size x 4 bytes); pays when "
-        "trials share data or rows repeat (docs/LOG.md).")
+        "only the LoRA passes (same loss and gradients). Costs memory (rows x selected tokens x layers x hidden "
+        "size x 4 bytes); pays when trials share data or rows repeat (docs/LOG.md). auto = on for loss.kind crl, "
+        "off for the other kinds.")
 
     @field_validator("activation_checkpointing", mode="before")
     @classmethod
@@ -659,6 +660,12 @@ class SweepConfig(Section):
         if not _NAME_RE.match(value):
             raise ValueError("not a valid sweep name; use only letters, digits, '_', '-' and '.' (it names folders and runs)")
         return value
+
+    @property
+    def frozen_cache(self) -> bool:
+        """Whether training uses the frozen-output cache: train.frozen_cache, with auto = on for loss.kind crl."""
+        setting = self.train.frozen_cache
+        return self.loss.kind == "crl" if setting == "auto" else bool(setting)
 
 
 # ============================================================================================ loading

@@ -208,7 +208,7 @@ class Worker:
                 if len(ds) == 0:
                     raise ValueError(f"data.{name} is empty after dropping evaluation behaviours; add rows")
                 self.data[name] = ds
-            if self.cfg.train.frozen_cache:
+            if self.cfg.frozen_cache:
                 if not (data_dir / FROZEN_FILE).is_file():
                     raise FileNotFoundError(f"train.frozen_cache is on but {self.data_dir} has no {FROZEN_FILE}; "
                                             "the data were prepared without it: prepare them again")
@@ -446,7 +446,7 @@ def prepare_data(cfg: SweepConfig, out: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     for name in DATA_GROUPS:
         getattr(data, name).save_to_disk(str(staging / name))
-    if cfg.train.frozen_cache:  # the frozen model's outputs, once for these rows (crl_ray.training.frozen)
+    if cfg.frozen_cache:  # the frozen model's outputs, once for these rows (crl_ray.training.frozen)
         from crl_ray.training.frozen import FROZEN_FILE, cached_frozen, data_columns
 
         columns = data_columns({name: getattr(data, name) for name in DATA_GROUPS})
