@@ -183,9 +183,13 @@ def test_every_input_of_the_key_misses_the_cache(tok, model, tmp_path):
         cache_key(PROMPTS, **{**base, "cfg": cfg.model_copy(update={"seed": 1})}),
         cache_key(PROMPTS, **{**base, "cfg": cfg.model_copy(update={"temperature": 0.5})}),
         cache_key(PROMPTS, **{**base, "cfg": cfg.model_copy(update={"batch_size": 2})}),
+        cache_key(PROMPTS, **base, dtype="bfloat16"),
+        cache_key(PROMPTS, **base, dtype="float16"),
     }
-    assert len(keys) == 8
+    assert len(keys) == 10
     assert cache_key(PROMPTS, **base) == cache_key(list(PROMPTS), **base)
+    # float32 is the key without a dtype: entries made before the dtype was part of the key stay valid
+    assert cache_key(PROMPTS, **base, dtype="float32") == cache_key(PROMPTS, **base)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "no_meta", "garbage_meta", "edit_answer"])

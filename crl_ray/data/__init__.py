@@ -417,7 +417,8 @@ def answered_source(src: DataSource, path: str, cfg: "SweepConfig", *, held_out:
             system = refusal_resources()["system_prompt"] if src.answer == "refusal" else None
             model_id, revision = gen.generator(cfg.model)
             answers = cached_answers(prompts, model_id=model_id, revision=revision,
-                                     cfg=gen, system=system, cache_dir=cache_dir, load_model=load_generator)
+                                     cfg=gen, system=system, cache_dir=cache_dir, load_model=load_generator,
+                                     dtype=cfg.model.dtype)
             record["generator"] = {**gen.model_dump(), "model": model_id, "revision": revision, "system": system}
         if "response" in ds.column_names:
             ds = ds.remove_columns("response")

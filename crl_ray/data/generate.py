@@ -135,9 +135,12 @@ def _decode_answer(new_ids: list[int], tokenizer: Any, stop: list[int]) -> str:
 
 # ============================================================================================ cache
 def cache_key(
-    prompts: Sequence[str], *, model_id: str, revision: str | None, cfg: GenerationConfig, system: str | None
+    prompts: Sequence[str], *, model_id: str, revision: str | None, cfg: GenerationConfig, system: str | None,
+    dtype: str | None = None,
 ) -> str:
-    """sha256 over everything that determines the answers."""
+    """sha256 over everything that determines the answers. ``dtype``: the generator's weights; float32 (or None)
+    adds nothing to the key, so entries made before the dtype was part of it (all float32) stay valid, while a
+    bfloat16 GPU run and a float32 CPU run of the same model never share answers."""
     payload = {
         "model_id": model_id,
         "revision": revision,
@@ -146,6 +149,8 @@ def cache_key(
         "prompts": list(prompts),
         "generate_version": GENERATE_VERSION,
     }
+    if dtype not in (None, "float32"):
+        payload["dtype"] = dtype
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -182,6 +187,7 @@ def cached_answers(
     system: str | None,
     cache_dir: Path,
     load_model: Callable[[], tuple[Any, Any]],
+    dtype: str | None = None,
 ) -> list[str]:
     """:func:`generate_answers` through the on-disk cache; ``load_model() -> (model, tokenizer)`` runs only on a miss.
 
@@ -193,7 +199,7 @@ def cached_answers(
         return []
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(prompts, model_id=model_id, revision=revision, cfg=cfg, system=system)
+    key = cache_key(prompts, model_id=model_id, revision=revision, cfg=cfg, system=system, dtype=dtype)
     data_path = cache_dir / f"{key}.jsonl"
     meta_path = cache_dir / f"{key}.meta.json"
 
@@ -221,6 +227,7 @@ def cached_answers(
             "key": key,
             "model_id": model_id,
             "revision": revision,
+            "dtype": dtype or "float32",
             "settings": cfg.model_dump(mode="json"),
             "system": system,
             "count": len(prompts),

@@ -401,7 +401,8 @@ def _base_answers(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, p
     gen = GenerationConfig(max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, temperature=0.0)
     with reference_model(model) as base:
         return cached_answers(prompts, model_id=cfg.model.name, revision=cfg.model.revision, cfg=gen, system=None,
-                              cache_dir=cache_dir() / "generations", load_model=lambda: (base, tokenizer))
+                              cache_dir=cache_dir() / "generations", load_model=lambda: (base, tokenizer),
+                              dtype=cfg.model.dtype)
 
 
 BASE_VALUE_VERSION = "1"  # bump when a change here or in the measured functions changes a base figure
