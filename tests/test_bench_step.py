@@ -59,7 +59,9 @@ def test_smoke_shape_sets_the_smoke_sweeps_sizes():
     assert SMOKE_SHAPE["request"] == 64  # sweeps/smoke.yaml: max_request_tokens 64, max_response_tokens 48
     smoke = (REPO / "sweeps" / "smoke.yaml").read_text()
     assert "max_request_tokens: 64" in smoke and "max_response_tokens: 48" in smoke
-    assert "micro_batch_size: 2" in smoke and "r: 8" in smoke
+    # the shape keeps the 2-worker layout's per-worker micro-batch (2 rows; the harder case): smoke.yaml now runs
+    # the same 4 rows a step as one 2-core worker at micro-batch 4
+    assert "micro_batch_size: 4" in smoke and "num_workers: 1" in smoke and "r: 8" in smoke
 
 
 def test_frozen_share_and_profile_are_reported(tiny_folder):

@@ -226,7 +226,7 @@ def test_extends_merges_and_reports_bad_parent(tmp_path, capsys) -> None:
     parent = write(tmp_path, smoke_raw(), "parent.yaml")
     child = write(tmp_path, {"extends": parent.name, "name": "child", "train": {"steps": 2}}, "child.yaml")
     cfg, _ = load_config(child)
-    assert cfg.name == "child" and cfg.train.steps == 2 and cfg.train.micro_batch_size == 2
+    assert cfg.name == "child" and cfg.train.steps == 2 and cfg.train.micro_batch_size == 4
     assert cfg.search.space.keys() == {"train.lr", "loss.margin_harmful"}
     orphan = write(tmp_path, {"extends": "missing.yaml", "name": "o"}, "orphan.yaml")
     code, _, err = run_cli([str(orphan), "--dry-run"], capsys)

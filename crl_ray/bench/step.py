@@ -102,6 +102,8 @@ def bench_config(args: argparse.Namespace):
 
 
 BF16_LOSS_TOLERANCE = 1e-2  # relative; bf16 keeps 8 bits of mantissa (~3 significant digits) per matmul
+# micro-batch 2: a worker's share of the smoke sweep's 4 rows a step when it runs two workers (smoke.yaml runs one
+# 2-core worker at micro-batch 4 since 2026-12-02; the smaller batch is the harder case for the step's efficiency)
 SMOKE_SHAPE = {"batch": 2, "seq": 112, "request": 64, "lora_r": 8, "loss": "smoke", "threads": 2}
 
 
