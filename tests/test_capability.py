@@ -227,16 +227,14 @@ def test_degeneracy_components_and_mean_by_hand():
 
 
 # ----------------------------------------------------------------------------------------- over-refusal
-def test_over_refusal_rate_is_the_flagged_fraction(tok, model):
-    flagged = over_refusal(model, tok, PROMPTS, is_refusal=lambda a: True, max_new_tokens=4, batch_size=2)
-    assert flagged.rate == 1.0 and len(flagged.answers) == 4
-    result = over_refusal(model, tok, PROMPTS, is_refusal=lambda a: a == flagged.answers[0],
-                          max_new_tokens=4, batch_size=2)
-    assert result.answers == flagged.answers, "greedy: same answers"
-    assert result.rate == sum(a == flagged.answers[0] for a in flagged.answers) / 4
-    longer = over_refusal(model, tok, PROMPTS, is_refusal=lambda a: False, max_new_tokens=12, batch_size=2)
-    assert longer.rate == 0.0
-    assert sum(map(len, longer.answers)) > sum(map(len, flagged.answers)), "max_new_tokens lengthens answers"
+def test_over_refusal_rate_is_the_flagged_fraction():
+    answers = ["I can't help with that.", "Sure: knead the dough.", "I cannot do that", "Here you go"]
+    result = over_refusal(answers, is_refusal=lambda a: a.startswith("I can"))
+    assert result.rate == 0.5 and result.refused == [True, False, True, False] and result.answers == answers
+    assert over_refusal(answers, is_refusal=lambda a: True).rate == 1.0
+    assert over_refusal(answers[1:2], is_refusal=lambda a: False).rate == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        over_refusal([], is_refusal=lambda a: True)
 
 
 # ----------------------------------------------------------------------------------------- KL / perplexity

@@ -472,6 +472,11 @@ class EvalConfig(Section):
         "the frozen judge LM (default: the embedded SmolLM2-135M-Instruct, whatever model is evaluated).",
     )
     max_new_tokens: int = Field(64, gt=0, description="Tokens generated per answer; more = longer answers to judge.")
+    generation_batch_size: int = Field(
+        32, gt=0, description="Rows per batch when the direct and prefill attacks' and the over-refusal prompts' "
+        "answers are generated, all in one greedy pass (longest first); higher = faster (CPU greedy decoding is "
+        "memory-bound: docs/LOG.md), more memory for the KV cache.",
+    )
     embedding: EmbeddingAttackConfig = Field(default_factory=EmbeddingAttackConfig)
     gcg: GCGConfig = Field(default_factory=GCGConfig)
     mmlu: MMLUConfig = Field(default_factory=MMLUConfig)

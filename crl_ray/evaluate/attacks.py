@@ -33,7 +33,7 @@ from crl_ray.config import (
     EvalConfig,
     GCGConfig,
 )
-from crl_ray.data.encoding import pad_id, stop_ids
+from crl_ray.data.encoding import build_request, pad_id, stop_ids
 from crl_ray.data.generate import model_device
 from crl_ray.errors import UserError
 
@@ -55,6 +55,7 @@ __all__ = [
     "init_ids",
     "load_behaviors",
     "optimise_soft_prompts",
+    "plain_generations",
     "run_attack",
     "target_loss",
 ]
@@ -599,25 +600,65 @@ def _gcg_attack(model: Any, tokenizer: Any, behaviors: Sequence[Behavior], cfg: 
 
 
 # ============================================================================================ entry point
-def _plain_attack(name: str, model: Any, tokenizer: Any, behaviors: Sequence[Behavior], cfg: EvalConfig,
-                  bar: tqdm) -> list[AttackResult]:
-    """direct: the behaviour as the user turn; prefill: the assistant turn already starts with the target."""
+PLAIN = ("direct", "prefill")
+
+
+def plain_generations(model: Any, tokenizer: Any, names: Sequence[str], behaviors: Sequence[Behavior],
+                      cfg: EvalConfig, *, prompts: Sequence[str] = (),
+                      progress: bool = False) -> tuple[dict[str, list[AttackResult]], list[str]]:
+    """The plain attacks in ``names`` (direct: the behaviour as the user turn; prefill: the assistant turn already
+    starts with the target) and greedy answers to the benign ``prompts`` (user turn only), in one generation pass.
+
+    All rows go through :func:`greedy_generate` together, longest first, in batches of
+    ``cfg.generation_batch_size``: greedy decoding on a CPU is memory-bound, so one pass over 24 rows is about
+    twice as fast as three passes over 8 (docs/LOG.md). Answers equal those of separate passes up to float
+    rounding between batch shapes. Each result's seconds is its share of the pass by rows. Returns the attacks'
+    results (one per behaviour, in order) and the prompts' answers (in order). The model is put in eval mode
+    (restored afterwards).
+    """
+    unknown = [n for n in names if n not in PLAIN]
+    if unknown:
+        raise ValueError(f"plain_generations: {unknown} are not plain attacks ({', '.join(PLAIN)})")
+    rows: list[tuple[str, int, str, list[int]]] = []  # (job, index, text in, ids)
+    for name in names:
+        for i, b in enumerate(behaviors):
+            request = tokenizer.apply_chat_template([{"role": "user", "content": b.prompt}], tokenize=False,
+                                                    add_generation_prompt=True)
+            ids = list(tokenizer(request, add_special_tokens=False)["input_ids"])
+            if name == "prefill":
+                request = request + b.target
+                ids = ids + list(tokenizer(b.target, add_special_tokens=False)["input_ids"])
+            rows.append((name, i, request, ids))
+    rows += [("prompts", i, "", build_request(tokenizer, p)) for i, p in enumerate(prompts)]
+    if not rows:
+        return {name: [] for name in names}, []
     started = time.perf_counter()
-    texts_in, inputs = [], []
-    for b in behaviors:
-        request = tokenizer.apply_chat_template([{"role": "user", "content": b.prompt}], tokenize=False,
-                                                add_generation_prompt=True)
-        ids = list(tokenizer(request, add_special_tokens=False)["input_ids"])
-        if name == "prefill":
-            request, ids = request + b.target, ids + list(tokenizer(b.target, add_special_tokens=False)["input_ids"])
-        texts_in.append(request)
-        inputs.append(_embed(model, ids))
-    texts = greedy_generate(model, tokenizer, inputs, max_new_tokens=cfg.max_new_tokens,
-                            batch_size=cfg.embedding.batch_size)
-    seconds = (time.perf_counter() - started) / len(behaviors)
-    bar.update(len(behaviors))
-    return [AttackResult(b, name, [Candidate(name, t_in, t, None, 0)], seconds)
-            for b, t_in, t in zip(behaviors, texts_in, texts)]
+    order = sorted(range(len(rows)), key=lambda j: -len(rows[j][3]))  # similar lengths batch together
+    was_training = model.training
+    model.eval()
+    texts: list[str] = [""] * len(rows)
+    try:
+        with tqdm(total=len(rows), desc="generating (" + " + ".join([*names, *(["benign"] if prompts else [])])
+                  + ")", unit="row", disable=not progress) as bar:
+            step = cfg.generation_batch_size
+            for start in range(0, len(order), step):
+                chunk = order[start:start + step]
+                out = greedy_generate(model, tokenizer, [_embed(model, rows[j][3]) for j in chunk],
+                                      max_new_tokens=cfg.max_new_tokens, batch_size=len(chunk))
+                for j, text in zip(chunk, out):
+                    texts[j] = text
+                bar.update(len(chunk))
+    finally:
+        model.train(was_training)
+    seconds = (time.perf_counter() - started) / len(rows)
+    results = {name: [AttackResult(b, name, [], seconds) for b in behaviors] for name in names}
+    answers = [""] * len(prompts)
+    for (job, i, text_in, _), text in zip(rows, texts):
+        if job == "prompts":
+            answers[i] = text
+        else:
+            results[job][i].candidates.append(Candidate(job, text_in, text, None, 0))
+    return results, answers
 
 
 def run_attack(name: str, model: Any, tokenizer: Any, behaviors: list[Behavior], cfg: EvalConfig, *,
@@ -645,6 +686,8 @@ def run_attack(name: str, model: Any, tokenizer: Any, behaviors: list[Behavior],
                 return _embedding_attack(model, tokenizer, behaviors, cfg, bar)
             if name == "gcg":
                 return _gcg_attack(model, tokenizer, behaviors, cfg, seed, bar)
-            return _plain_attack(name, model, tokenizer, behaviors, cfg, bar)
+            results = plain_generations(model, tokenizer, [name], behaviors, cfg)[0][name]
+            bar.update(len(behaviors))
+            return results
     finally:
         model.train(was_training)

@@ -329,15 +329,15 @@ class OverRefusalResult:
     refused: list[bool]
 
 
-def over_refusal(model: Any, tokenizer: Any, prompts: Sequence[str], *, is_refusal: Callable[[str], bool],
-                 max_new_tokens: int, batch_size: int) -> OverRefusalResult:
-    """Greedy answers to benign prompts and the fraction that ``is_refusal`` flags (lower is better)."""
-    from crl_ray.data.generate import generate_answers
+def over_refusal(answers: Sequence[str], *, is_refusal: Callable[[str], bool]) -> OverRefusalResult:
+    """The fraction of the answers to benign prompts that ``is_refusal`` flags (lower is better).
 
-    if not prompts:
-        raise ValueError("over_refusal needs at least one prompt")
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=0.0)
-    answers = generate_answers(prompts, model=model, tokenizer=tokenizer, cfg=gen, desc="over-refusal")
+    The answers come from :func:`crl_ray.evaluate.attacks.plain_generations`, which generates them together
+    with the plain attacks'.
+    """
+    answers = list(answers)
+    if not answers:
+        raise ValueError("over_refusal needs at least one answer")
     refused = [is_refusal(a) for a in answers]
     return OverRefusalResult(rate=sum(refused) / len(refused), answers=answers, refused=refused)
 

@@ -133,7 +133,7 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
     KL prompts that appear in the sweep's training data are dropped.
     """
     from crl_ray.evaluate import objective as obj
-    from crl_ray.evaluate.attacks import load_behaviors, run_attack
+    from crl_ray.evaluate.attacks import PLAIN, load_behaviors, plain_generations, run_attack
     from crl_ray.evaluate.capability import (
         benign_drift,
         degeneracy_score,
@@ -152,8 +152,23 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
     started = time.perf_counter()
 
     behaviors = load_behaviors(ev.behaviors, "eval.behaviors", limit=ev.limit)
-    results = {}
+    benign = _prompts(ev.over_refusal, "eval.over_refusal", ev.over_refusal_limit)
+    # The plain attacks and the over-refusal prompts: one generation pass (CPU decoding is memory-bound, so
+    # fewer, larger batches); each part's seconds is its share of the pass by rows.
+    plain = [name for name in ev.attacks if name in PLAIN]
+    t0 = time.perf_counter()
+    log.info("generating: %s on %d behaviours and %d over-refusal prompts", " + ".join(plain) or "no attack",
+             len(behaviors), len(benign))
+    results, benign_answers = plain_generations(model, tokenizer, plain, behaviors, ev, prompts=benign,
+                                                progress=progress)
+    rows = len(plain) * len(behaviors) + len(benign)
+    seconds["generation"] = time.perf_counter() - t0
+    for name in plain:
+        seconds[f"attack_{name}"] = seconds["generation"] * len(behaviors) / rows
+    log.info("generated %d rows in %.1f s", rows, seconds["generation"])
     for i, name in enumerate(ev.attacks, 1):
+        if name in PLAIN:
+            continue
         t0 = time.perf_counter()
         log.info("attack %d/%d: %s on %d behaviours", i, len(ev.attacks), name, len(behaviors))
         results[name] = run_attack(name, model, tokenizer, behaviors, ev, seed=seed, progress=progress)
@@ -174,13 +189,11 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
     seconds["mmlu"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    benign = _prompts(ev.over_refusal, "eval.over_refusal", ev.over_refusal_limit)
-    refusals = over_refusal(model, tokenizer, benign, is_refusal=KeywordJudge().is_refusal,
-                            max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
+    refusals = over_refusal(benign_answers, is_refusal=KeywordJudge().is_refusal)
     base_answers = None
     if _has_adapter(model):  # the base model's answers to the same prompts (cached: the same for every trial)
         base_answers = _base_answers(cfg, model, tokenizer, benign)
-    seconds["over_refusal"] = time.perf_counter() - t0
+    seconds["over_refusal"] = seconds["generation"] * len(benign) / rows + time.perf_counter() - t0
 
     t0 = time.perf_counter()
     kl_prompts = _prompts(ev.kl_prompts, "eval.kl_prompts", ev.kl_limit, exclude=training_prompts(cfg))
