@@ -489,7 +489,8 @@ class EvalConfig(Section):
     )
     kl_limit: int | None = Field(32, gt=0, description="KL/perplexity prompts used (None = all).")
     batch_size: int = Field(
-        8, gt=0, description="Sequences per batch in judging, MMLU, over-refusal and KL (not the attacks); "
+        8, gt=0, description="Sequences per batch in judging, MMLU, KL and the continuous signals (the answers "
+        "to the plain attacks and over-refusal prompts: generation_batch_size); "
         "higher = faster, more memory.",
     )
     judge_check: bool = Field(
