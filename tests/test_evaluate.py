@@ -226,6 +226,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     (["--config", str(SMOKE), "--behaviors", "advbench", "--limit", "20"],
      ["--behaviors: 16 of 20 evaluation behaviours are training prompts", "fix:"]),
     (["eval.mmlu.subset_size=0"], ["eval.mmlu.subset_size"]),
+    (["eval.generation_batch_size=0"], ["eval.generation_batch_size", "greater than 0", "fix:"]),
 ])
 def test_cli_bad_input_exits_2(args, expected, capsys):
     code, out, err = run_cli(args, capsys)
