@@ -55,13 +55,14 @@ def test_bf16_autocast_stays_within_its_stated_tolerance(tiny_folder):
 
 def test_smoke_shape_sets_the_smoke_sweeps_sizes():
     args = apply_shape(build_parser().parse_args(["--shape", "smoke", "--batch", "8"]))
-    assert (args.batch, args.seq, args.lora_r, args.loss, args.threads) == (2, 112, 8, "smoke", 2)
+    assert (args.batch, args.seq, args.lora_r, args.lora_dropout, args.loss, args.threads) == (2, 112, 8, 0.0, "smoke", 2)
     assert SMOKE_SHAPE["request"] == 64  # sweeps/smoke.yaml: max_request_tokens 64, max_response_tokens 48
     smoke = (REPO / "sweeps" / "smoke.yaml").read_text()
     assert "max_request_tokens: 64" in smoke and "max_response_tokens: 48" in smoke
     # the shape keeps the 2-worker layout's per-worker micro-batch (2 rows; the harder case): smoke.yaml now runs
     # the same 4 rows a step as one 2-core worker at micro-batch 4
     assert "micro_batch_size: 4" in smoke and "num_workers: 1" in smoke and "r: 8" in smoke
+    assert "dropout: 0.0" in smoke  # the shape's LoRA dropout is smoke.yaml's
 
 
 def test_frozen_share_and_profile_are_reported(tiny_folder):
@@ -79,3 +80,13 @@ def test_frozen_cache_leaves_no_frozen_pass_and_the_same_loss(tiny_folder):
     assert got["frozen_cache"] is True and got["project"]["settings"]["frozen_cache"] is True
     assert got["project"]["frozen_seconds_per_step"] == 0 and got["project"]["frozen_cache_build_seconds"] > 0
     assert got["loss_rel_diff"] <= 1e-4
+
+
+def test_lora_dropout_reaches_both_variants_and_drops_the_loss_comparison(tiny_folder):
+    got = bench(tiny_folder, "--batch", "2", "--seq", "16", "--dense", "--lora-dropout", "0.05")
+    assert got["lora_dropout"] == 0.05
+    assert got["naive"]["lora_dropout"] == got["project"]["lora_dropout"] == 0.05
+    # masks differ between the variants' passes: no loss comparison, so no verdict on the targets
+    assert got["loss_rel_diff"] is None and got["targets_met"] is None
+    plain = bench(tiny_folder, "--batch", "2", "--seq", "16", "--dense")
+    assert plain["project"]["lora_dropout"] == 0.0 and plain["targets_met"] in (True, False)

@@ -11,7 +11,8 @@ benchmark prints one JSON object: seconds per step, tokens/s, peak memory, loss 
 ``--dense`` fills every row (no padding), so both variants do the same real-token work and the comparison shows
 what the project's step saves beyond skipping padding. ``--shape smoke`` benchmarks the smoke sweep's shape
 (micro-batch 2, requests <= 64 and responses <= 48 tokens, LoRA r 8, its loss layers, 2 threads) instead of the
-default 4 x 256. ``--precision bf16`` runs the project's step under CPU/GPU bf16 autocast (fp32 weights and
+default 4 x 256. ``--lora-dropout`` sets both variants' LoRA dropout (default 0; the paper's 0.05 costs ~35 % of a
+CPU step, so smoke.yaml runs 0). ``--precision bf16`` runs the project's step under CPU/GPU bf16 autocast (fp32 weights and
 gradients, bf16 matmuls); the naive step always stays the literal fp32 port. ``--frozen-cache`` gives the project's
 step ``train.frozen_cache`` (the frozen outputs of the benchmark's rows computed once, before the timed steps;
 that one-off cost is reported apart). The project's JSON also says how much of its step the frozen passes take
@@ -46,12 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true", help="every row full length (no padding): identical work")
     p.add_argument("--shape", default=None, choices=["smoke"],
                    help="smoke: the smoke sweep's micro-batch 2, 64 + 48 tokens, LoRA r 8, its layers, 2 threads "
-                   "(overrides --batch, --seq, --lora-r, --loss, --threads)")
+                   "(overrides --batch, --seq, --lora-r, --lora-dropout, --loss, --threads)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="project step: fp32, or bf16 autocast (fp32 master weights)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="lora.dropout of both variants (paper 0.05; smoke.yaml 0). Above 0 the two variants draw "
+                   "different masks, so their losses are not compared")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loss", default="paper", choices=["paper", "script", "smoke"],
                    help="paper: mix distances, margins 500/1500, benign layers all; script: released train.sh; "
@@ -92,7 +96,7 @@ def bench_config(args: argparse.Namespace):
         train["activation_checkpointing_every"] = args.checkpoint_every
     return parse_config({
         "name": "bench-step", "model": {"name": args.model}, "train": train,
-        "lora": {"r": args.lora_r, "alpha": args.lora_r, "dropout": 0.0}, "loss": loss,
+        "lora": {"r": args.lora_r, "alpha": args.lora_r, "dropout": args.lora_dropout}, "loss": loss,
         "data": {"benign": [{"source": "benign_prompts", "answer": "refusal_template"}],
                  "harmful": [{"source": "advbench", "answer": "refusal_template"}],
                  "retain": [{"source": "benign_prompts", "answer": "refusal_template"}],
@@ -104,13 +108,14 @@ def bench_config(args: argparse.Namespace):
 BF16_LOSS_TOLERANCE = 1e-2  # relative; bf16 keeps 8 bits of mantissa (~3 significant digits) per matmul
 # micro-batch 2: a worker's share of the smoke sweep's 4 rows a step when it runs two workers (smoke.yaml runs one
 # 2-core worker at micro-batch 4 since 2026-12-02; the smaller batch is the harder case for the step's efficiency)
-SMOKE_SHAPE = {"batch": 2, "seq": 112, "request": 64, "lora_r": 8, "loss": "smoke", "threads": 2}
+SMOKE_SHAPE = {"batch": 2, "seq": 112, "request": 64, "lora_r": 8, "lora_dropout": 0.0, "loss": "smoke",
+               "threads": 2}
 
 
 def apply_shape(args: argparse.Namespace) -> argparse.Namespace:
     """``--shape smoke``: the smoke sweep's micro-batch, row lengths, LoRA rank, loss layers and threads."""
     if args.shape == "smoke":
-        for key in ("batch", "seq", "lora_r", "loss", "threads"):
+        for key in ("batch", "seq", "lora_r", "lora_dropout", "loss", "threads"):
             setattr(args, key, SMOKE_SHAPE[key])
     return args
 
@@ -212,10 +217,17 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
             "tokens_per_step": tokens, "tokens_per_s": round(tokens / s_per_step, 2),
             "peak_rss_gb": round(_peak_rss_gb(), 3), "rss_before_steps_gb": round(rss_before, 3),
             "loss": losses[-1], "terms": terms, "grad_norm": grad_norm, "threads": torch.get_num_threads(),
+            "lora_dropout": _lora_dropout(model),
             "settings": {} if args.variant == "naive" else {
                 "precision": args.precision, "unpad": computer.unpad, "frozen_cache": frozen_outputs is not None,
                 "activation_checkpointing": cfg.train.activation_checkpointing,
                 "activation_checkpointing_every": cfg.train.activation_checkpointing_every}}
+
+
+def _lora_dropout(model: Any) -> float:
+    """The dropout probability of the model's LoRA layers (what the step really ran with)."""
+    ps = {m.p for name, m in model.named_modules() if "lora_dropout" in name and isinstance(m, torch.nn.Dropout)}
+    return max(ps, default=0.0)
 
 
 def _timed(fn, total: list[float]):
@@ -256,21 +268,25 @@ def main(argv: list[str] | None = None) -> int:
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     naive, project = results["naive"], results["project"]
     rel = abs(project["loss"] - naive["loss"]) / max(abs(naive["loss"]), 1e-12)
+    comparable = args.lora_dropout == 0  # dropout masks differ between the variants' passes
     summary = {
-        "model": args.model, "batch": args.batch, "seq": args.seq, "lora_r": args.lora_r, "loss_kind": args.loss,
+        "model": args.model, "batch": args.batch, "seq": args.seq, "lora_r": args.lora_r,
+        "lora_dropout": args.lora_dropout, "loss_kind": args.loss,
         "dense": args.dense, "shape": args.shape or "custom", "precision": args.precision,
         "frozen_cache": args.frozen_cache,
         "naive": naive, "project": project,
         "speedup_tokens_per_s": round(project["tokens_per_s"] / naive["tokens_per_s"], 3),
         "peak_memory_ratio": round(project["peak_rss_gb"] / naive["peak_rss_gb"], 3),
-        "loss_rel_diff": rel,
+        "loss_rel_diff": rel if comparable else None,
         # dense rows: issue 13's bars; bf16: the stated tolerance of a bf16 step against the fp32 oracle
         "targets": {"speedup_min": 2.0 if args.dense else 1.5, "memory_ratio_max": 0.4 if args.dense else 0.5,
                     "loss_rel_max": BF16_LOSS_TOLERANCE if args.precision == "bf16" else 1e-4},
     }
     t = summary["targets"]
-    summary["targets_met"] = (summary["speedup_tokens_per_s"] >= t["speedup_min"]
-                              and summary["peak_memory_ratio"] <= t["memory_ratio_max"] and rel <= t["loss_rel_max"])
+    # the targets need the same loss: with dropout masks the two variants' losses cannot be compared
+    summary["targets_met"] = None if not comparable else (
+        summary["speedup_tokens_per_s"] >= t["speedup_min"]
+        and summary["peak_memory_ratio"] <= t["memory_ratio_max"] and rel <= t["loss_rel_max"])
     text = json.dumps(summary, indent=2)
     print(text)
     if args.out:
