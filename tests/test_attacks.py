@@ -360,6 +360,25 @@ def test_plain_attacks_and_benign_prompts_generated_together_equal_separate_pass
         plain_generations(model, tok, ["embedding"], behaviors, eval_cfg())
 
 
+def test_optimised_attacks_answers_join_the_shared_generation_pass(model, tok, behaviors) -> None:
+    cfg = eval_cfg(steps=2)
+    alone = {n: run_attack(n, model, tok, behaviors, cfg, seed=3) for n in ("embedding", "gcg")}
+    pending: list = []
+    deferred = {n: run_attack(n, model, tok, behaviors, cfg, seed=3, pending=pending) for n in ("embedding", "gcg")}
+    candidates = [c for rs in deferred.values() for r in rs for c in r.candidates]
+    assert len(pending) == len(candidates) == 2 * len(behaviors) and {p.candidate.generation for p in pending} == {""}
+    assert {id(p.candidate) for p in pending} == {id(c) for c in candidates}
+    before = {n: [r.seconds for r in rs] for n, rs in deferred.items()}
+    results, answers = plain_generations(model, tok, ["direct"], behaviors, cfg, prompts=["Hi"], pending=pending)
+    for n in ("embedding", "gcg"):  # the same inputs, losses, steps and answers as when each attack generates alone
+        assert [r.candidates for r in deferred[n]] == [r.candidates for r in alone[n]]
+        assert all(r.seconds > s for r, s in zip(deferred[n], before[n]))  # their share of the pass
+    assert any(c.generation for c in candidates)
+    assert [r.candidates for r in results["direct"]] == [r.candidates for r in run_attack("direct", model, tok,
+                                                                                          behaviors, cfg)]
+    assert answers == plain_generations(model, tok, [], behaviors, cfg, prompts=["Hi"])[1]
+
+
 def test_batched_greedy_generation_equals_one_at_a_time(model, tok, behaviors) -> None:
     emb = model.get_input_embeddings()
     rows = [emb(torch.tensor(attack_layout(tok, b).before_ids)).detach() for b in behaviors]

@@ -72,8 +72,8 @@ def summary_categories_sum_to_one(metrics: dict, attacks_run: list[str]) -> bool
 def fake_run_attack(generations: dict[str, list[list[str]]], seen: list):
     """A run_attack whose candidates' generations are given per attack and behaviour."""
 
-    def run(name, model, tokenizer, behaviors, cfg, *, seed=0, progress=False):
-        seen.append((name, cfg, seed))
+    def run(name, model, tokenizer, behaviors, cfg, *, seed=0, progress=False, pending=None):
+        seen.append((name, cfg, seed))  # the answers are given: nothing left to generate
         return [AttackResult(b, name, [Candidate(f"{name}/{k}", f"input {b.id}", g, None, 0)
                                        for k, g in enumerate(gens)], 0.0)
                 for b, gens in zip(behaviors, generations[name])]
@@ -86,7 +86,8 @@ def fake_plain_generations(generations: dict[str, list[list[str]]], seen: list):
     generated for real."""
     real = attacks.plain_generations
 
-    def run(model, tokenizer, names, behaviors, cfg, *, prompts=(), progress=False):
+    def run(model, tokenizer, names, behaviors, cfg, *, prompts=(), pending=(), progress=False):
+        assert not pending  # fake_run_attack leaves nothing to generate
         fake = fake_run_attack(generations, seen)
         return ({name: fake(name, model, tokenizer, behaviors, cfg) for name in names},
                 real(model, tokenizer, [], behaviors, cfg, prompts=prompts)[1])

@@ -44,6 +44,7 @@ __all__ = [
     "Behavior",
     "Candidate",
     "GCG_INIT",
+    "PendingGeneration",
     "Prefix",
     "SoftPromptResult",
     "attack_layout",
@@ -162,6 +163,16 @@ class AttackResult:
     attack: str  # "direct" | "prefill" | "embedding" | "gcg"
     candidates: list[Candidate]
     seconds: float  # batched work is shared equally among the rows of its batch
+
+
+@dataclass
+class PendingGeneration:
+    """An optimised attack's candidate whose input is ready and whose greedy answer is still to generate: the
+    optimising attacks leave their answers to :func:`plain_generations`, so they join one generation pass."""
+
+    result: AttackResult  # gets its share of the pass's seconds
+    candidate: Candidate  # gets the answer (``generation``)
+    inputs: Tensor  # [L, D] input embeddings
 
 
 # ============================================================================================ layout
@@ -431,11 +442,13 @@ def optimise_soft_prompts(model: Any, tokenizer: Any, layouts: Sequence[AttackLa
 
 
 def _embedding_attack(model: Any, tokenizer: Any, behaviors: Sequence[Behavior], cfg: EvalConfig,
-                      bar: tqdm) -> list[AttackResult]:
-    """Every configuration on every behaviour; batches group similar target lengths (less padding)."""
+                      bar: tqdm) -> tuple[list[AttackResult], list[PendingGeneration]]:
+    """Every configuration on every behaviour; batches group similar target lengths (less padding). The answers
+    are left to generate: one :class:`PendingGeneration` per candidate."""
     ecfg = cfg.embedding
     layouts = [attack_layout(tokenizer, b) for b in behaviors]
     results = [AttackResult(b, "embedding", [], 0.0) for b in behaviors]
+    pending: list[PendingGeneration] = []
     order = sorted(range(len(layouts)), key=lambda i: len(layouts[i].target_ids))
     batches = [order[s:s + ecfg.batch_size] for s in range(0, len(order), ecfg.batch_size)]
     dtype = model.get_input_embeddings().weight.dtype
@@ -450,20 +463,21 @@ def _embedding_attack(model: Any, tokenizer: Any, behaviors: Sequence[Behavior],
             soft = optimise_soft_prompts(model, tokenizer, chunk, run=run, steps=ecfg.steps,
                                          soft_prompt_tokens=ecfg.soft_prompt_tokens, batch_size=len(chunk),
                                          prefixes=[prefix], precision=ecfg.precision)
-            inputs = [torch.cat([_embed(model, lay.before_ids), s.embeds.to(dtype), _embed(model, lay.after_ids)])
-                      for lay, s in zip(chunk, soft)]
-            texts = greedy_generate(model, tokenizer, inputs, max_new_tokens=cfg.max_new_tokens,
-                                    batch_size=len(chunk))
             seconds = (time.perf_counter() - started) / len(chunk)
-            for i, lay, s, text in zip(batch, chunk, soft, texts):
+            for i, lay, s in zip(batch, chunk, soft):
                 slot = f"<soft prompt: {s.embeds.shape[0]} vectors>"
-                results[i].candidates.append(Candidate(f"embedding/cfg{c}", lay.chat_text(slot), text, s.loss, s.steps))
+                cand = Candidate(f"embedding/cfg{c}", lay.chat_text(slot), "", s.loss, s.steps)
+                results[i].candidates.append(cand)
                 results[i].seconds += seconds
+                with torch.no_grad():
+                    inputs = torch.cat([_embed(model, lay.before_ids), s.embeds.to(dtype),
+                                        _embed(model, lay.after_ids)])
+                pending.append(PendingGeneration(results[i], cand, inputs))
             bar.update(len(chunk))
         reached = sum(r.candidates[-1].loss < run.early_stop_loss for r in results)
         logger.info("embedding attack cfg%d (lr %g, early stop %g): %d/%d behaviours below the early-stop loss",
                     c, run.lr, run.early_stop_loss, reached, len(results))
-    return results
+    return results, pending
 
 
 # ============================================================================================ GCG
@@ -568,35 +582,30 @@ def gcg_suffix(model: Any, tokenizer: Any, layout: AttackLayout, cfg: GCGConfig,
 
 
 def _gcg_attack(model: Any, tokenizer: Any, behaviors: Sequence[Behavior], cfg: EvalConfig, seed: int,
-                bar: tqdm) -> list[AttackResult]:
+                bar: tqdm) -> tuple[list[AttackResult], list[PendingGeneration]]:
     """``cfg.gcg.restarts`` GCG runs per behaviour (candidates ``gcg/restart<r>``), one seeded random stream for all.
 
-    Every restart starts from :data:`GCG_INIT`; restarts differ by their random swaps (the stream moves on).
+    Every restart starts from :data:`GCG_INIT`; restarts differ by their random swaps (the stream moves on). The
+    answers are left to generate (one :class:`PendingGeneration` per candidate).
     """
     generator = torch.Generator().manual_seed(seed)
     allowed = _allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
-    results, inputs, texts_in = [], [], []
+    results, pending = [], []
     for b in behaviors:
         started = time.perf_counter()
         lay = attack_layout(tokenizer, b)
-        candidates = []
+        res = AttackResult(b, "gcg", [], 0.0)
         for r in range(cfg.gcg.restarts):
             suffix, losses = gcg_suffix(model, tokenizer, lay, cfg.gcg, allowed=allowed, generator=generator)
-            inputs.append(_embed(model, lay.before_ids + suffix + lay.after_ids))
-            texts_in.append(lay.chat_text(tokenizer.decode(suffix)))
-            candidates.append(Candidate(f"gcg/restart{r}", "", "", losses[-1], cfg.gcg.steps))
-        results.append(AttackResult(b, "gcg", candidates, time.perf_counter() - started))
+            cand = Candidate(f"gcg/restart{r}", lay.chat_text(tokenizer.decode(suffix)), "", losses[-1],
+                             cfg.gcg.steps)
+            res.candidates.append(cand)
+            with torch.no_grad():
+                pending.append(PendingGeneration(res, cand, _embed(model, lay.before_ids + suffix + lay.after_ids)))
+        res.seconds = time.perf_counter() - started
+        results.append(res)
         bar.update(1)
-    started = time.perf_counter()
-    texts = greedy_generate(model, tokenizer, inputs, max_new_tokens=cfg.max_new_tokens,
-                            batch_size=cfg.embedding.batch_size)
-    shared = (time.perf_counter() - started) / len(behaviors)
-    flat = [c for res in results for c in res.candidates]
-    for cand, text_in, text in zip(flat, texts_in, texts):
-        cand.final_input, cand.generation = text_in, text
-    for res in results:
-        res.seconds += shared
-    return results
+    return results, pending
 
 
 # ============================================================================================ entry point
@@ -604,22 +613,24 @@ PLAIN = ("direct", "prefill")
 
 
 def plain_generations(model: Any, tokenizer: Any, names: Sequence[str], behaviors: Sequence[Behavior],
-                      cfg: EvalConfig, *, prompts: Sequence[str] = (),
+                      cfg: EvalConfig, *, prompts: Sequence[str] = (), pending: Sequence[PendingGeneration] = (),
                       progress: bool = False) -> tuple[dict[str, list[AttackResult]], list[str]]:
     """The plain attacks in ``names`` (direct: the behaviour as the user turn; prefill: the assistant turn already
-    starts with the target) and greedy answers to the benign ``prompts`` (user turn only), in one generation pass.
+    starts with the target), greedy answers to the benign ``prompts`` (user turn only) and the answers of the
+    optimising attacks' ``pending`` candidates (filled in place), in one generation pass.
 
     All rows go through :func:`greedy_generate` together, longest first, in batches of
     ``cfg.generation_batch_size``: greedy decoding on a CPU is memory-bound, so one pass over 24 rows is about
     twice as fast as three passes over 8 (docs/LOG.md). Answers equal those of separate passes up to float
-    rounding between batch shapes. Each result's seconds is its share of the pass by rows. Returns the attacks'
-    results (one per behaviour, in order) and the prompts' answers (in order). The model is put in eval mode
-    (restored afterwards).
+    rounding between batch shapes. Each row's result gets its share of the pass's seconds. Returns the plain
+    attacks' results (one per behaviour, in order) and the prompts' answers (in order). The model is put in eval
+    mode (restored afterwards).
     """
     unknown = [n for n in names if n not in PLAIN]
     if unknown:
         raise ValueError(f"plain_generations: {unknown} are not plain attacks ({', '.join(PLAIN)})")
-    rows: list[tuple[str, int, str, list[int]]] = []  # (job, index, text in, ids)
+    # (job, index, text in, ids or input embeddings)
+    rows: list[tuple[str, int, str, list[int] | Tensor]] = []
     for name in names:
         for i, b in enumerate(behaviors):
             request = tokenizer.apply_chat_template([{"role": "user", "content": b.prompt}], tokenize=False,
@@ -630,6 +641,7 @@ def plain_generations(model: Any, tokenizer: Any, names: Sequence[str], behavior
                 ids = ids + list(tokenizer(b.target, add_special_tokens=False)["input_ids"])
             rows.append((name, i, request, ids))
     rows += [("prompts", i, "", build_request(tokenizer, p)) for i, p in enumerate(prompts)]
+    rows += [("pending", i, "", p.inputs) for i, p in enumerate(pending)]
     if not rows:
         return {name: [] for name in names}, []
     started = time.perf_counter()
@@ -637,14 +649,16 @@ def plain_generations(model: Any, tokenizer: Any, names: Sequence[str], behavior
     was_training = model.training
     model.eval()
     texts: list[str] = [""] * len(rows)
+    jobs = [*names, *(["benign"] if prompts else []), *(["optimised"] if pending else [])]
     try:
-        with tqdm(total=len(rows), desc="generating (" + " + ".join([*names, *(["benign"] if prompts else [])])
-                  + ")", unit="row", disable=not progress) as bar:
+        with tqdm(total=len(rows), desc="generating (" + " + ".join(jobs) + ")", unit="row",
+                  disable=not progress) as bar:
             step = cfg.generation_batch_size
             for start in range(0, len(order), step):
                 chunk = order[start:start + step]
-                out = greedy_generate(model, tokenizer, [_embed(model, rows[j][3]) for j in chunk],
-                                      max_new_tokens=cfg.max_new_tokens, batch_size=len(chunk))
+                inputs = [r if isinstance(r, Tensor) else _embed(model, r) for r in (rows[j][3] for j in chunk)]
+                out = greedy_generate(model, tokenizer, inputs, max_new_tokens=cfg.max_new_tokens,
+                                      batch_size=len(chunk))
                 for j, text in zip(chunk, out):
                     texts[j] = text
                 bar.update(len(chunk))
@@ -656,18 +670,24 @@ def plain_generations(model: Any, tokenizer: Any, names: Sequence[str], behavior
     for (job, i, text_in, _), text in zip(rows, texts):
         if job == "prompts":
             answers[i] = text
+        elif job == "pending":
+            pending[i].candidate.generation = text
+            pending[i].result.seconds += seconds
         else:
             results[job][i].candidates.append(Candidate(job, text_in, text, None, 0))
     return results, answers
 
 
 def run_attack(name: str, model: Any, tokenizer: Any, behaviors: list[Behavior], cfg: EvalConfig, *,
-               seed: int = 0, progress: bool = False) -> list[AttackResult]:
+               seed: int = 0, progress: bool = False,
+               pending: list[PendingGeneration] | None = None) -> list[AttackResult]:
     """Attack every behaviour with ``name`` (direct, prefill, embedding or gcg); one result per behaviour, in order.
 
     Greedy generation of ``cfg.max_new_tokens`` tokens. The embedding attack runs each configuration of
     ``cfg.embedding.runs()`` (one candidate each); GCG uses ``cfg.gcg`` and ``seed``. The model is put in eval mode
     (restored afterwards), its weights get no gradients, and the global torch RNG is left untouched.
+    ``pending`` (embedding and gcg only): the candidates' answers are not generated here but appended to this
+    list, for a later :func:`plain_generations` pass shared with other rows.
     """
     if name not in ATTACKS:
         raise UserError(f"eval.attacks: unknown attack {name!r}\n    fix: use one of {', '.join(ATTACKS)}")
@@ -682,12 +702,18 @@ def run_attack(name: str, model: Any, tokenizer: Any, behaviors: list[Behavior],
         with torch.random.fork_rng(devices=cuda), tqdm(total=len(behaviors) * runs, desc=f"{name} attack",
                                                        unit="behaviour", disable=not progress) as bar:
             torch.manual_seed(seed)
+            if name in PLAIN:
+                results = plain_generations(model, tokenizer, [name], behaviors, cfg)[0][name]
+                bar.update(len(behaviors))
+                return results
             if name == "embedding":
-                return _embedding_attack(model, tokenizer, behaviors, cfg, bar)
-            if name == "gcg":
-                return _gcg_attack(model, tokenizer, behaviors, cfg, seed, bar)
-            results = plain_generations(model, tokenizer, [name], behaviors, cfg)[0][name]
-            bar.update(len(behaviors))
-            return results
+                results, todo = _embedding_attack(model, tokenizer, behaviors, cfg, bar)
+            else:
+                results, todo = _gcg_attack(model, tokenizer, behaviors, cfg, seed, bar)
+        if pending is None:
+            plain_generations(model, tokenizer, [], [], cfg, pending=todo)
+        else:
+            pending.extend(todo)
+        return results
     finally:
         model.train(was_training)

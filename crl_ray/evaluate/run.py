@@ -153,27 +153,37 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
 
     behaviors = load_behaviors(ev.behaviors, "eval.behaviors", limit=ev.limit)
     benign = _prompts(ev.over_refusal, "eval.over_refusal", ev.over_refusal_limit)
-    # The plain attacks and the over-refusal prompts: one generation pass (CPU decoding is memory-bound, so
-    # fewer, larger batches); each part's seconds is its share of the pass by rows.
+    # The optimising attacks (embedding, gcg) first, their answers left to generate; then one generation pass over
+    # the plain attacks, the over-refusal prompts and those answers (CPU decoding is memory-bound, so fewer, larger
+    # batches). Each part's seconds gets its share of the pass by rows.
     plain = [name for name in ev.attacks if name in PLAIN]
-    t0 = time.perf_counter()
-    log.info("generating: %s on %d behaviours and %d over-refusal prompts", " + ".join(plain) or "no attack",
-             len(behaviors), len(benign))
-    results, benign_answers = plain_generations(model, tokenizer, plain, behaviors, ev, prompts=benign,
-                                                progress=progress)
-    rows = len(plain) * len(behaviors) + len(benign)
-    seconds["generation"] = time.perf_counter() - t0
-    for name in plain:
-        seconds[f"attack_{name}"] = seconds["generation"] * len(behaviors) / rows
-    log.info("generated %d rows in %.1f s", rows, seconds["generation"])
+    pending: list = []
+    optimised: dict[str, list] = {}
     for i, name in enumerate(ev.attacks, 1):
         if name in PLAIN:
             continue
         t0 = time.perf_counter()
         log.info("attack %d/%d: %s on %d behaviours", i, len(ev.attacks), name, len(behaviors))
-        results[name] = run_attack(name, model, tokenizer, behaviors, ev, seed=seed, progress=progress)
+        before = len(pending)
+        optimised[name] = run_attack(name, model, tokenizer, behaviors, ev, seed=seed, progress=progress,
+                                     pending=pending)
         seconds[f"attack_{name}"] = time.perf_counter() - t0
-        log.info("%s attack: %d behaviours in %.1f s", name, len(behaviors), seconds[f"attack_{name}"])
+        log.info("%s attack: %d behaviours optimised in %.1f s (%d answers to generate)", name, len(behaviors),
+                 seconds[f"attack_{name}"], len(pending) - before)
+    t0 = time.perf_counter()
+    log.info("generating: %s on %d behaviours, %d over-refusal prompts and %d optimised inputs",
+             " + ".join(plain) or "no plain attack", len(behaviors), len(benign), len(pending))
+    results, benign_answers = plain_generations(model, tokenizer, plain, behaviors, ev, prompts=benign,
+                                                pending=pending, progress=progress)
+    rows = len(plain) * len(behaviors) + len(benign) + len(pending)
+    seconds["generation"] = time.perf_counter() - t0
+    share = seconds["generation"] / rows if rows else 0.0
+    for name in plain:
+        seconds[f"attack_{name}"] = share * len(behaviors)
+    for name in optimised:
+        seconds[f"attack_{name}"] += share * sum(len(r.candidates) for r in optimised[name])
+    results = {name: results[name] if name in PLAIN else optimised[name] for name in ev.attacks}
+    log.info("generated %d rows in %.1f s", rows, seconds["generation"])
 
     t0 = time.perf_counter()
     mmlu = mmlu_accuracy(model, tokenizer, ev.mmlu, batch_size=ev.batch_size, progress=progress)
@@ -193,7 +203,7 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
     base_answers = None
     if _has_adapter(model):  # the base model's answers to the same prompts (cached: the same for every trial)
         base_answers = _base_answers(cfg, model, tokenizer, benign)
-    seconds["over_refusal"] = seconds["generation"] * len(benign) / rows + time.perf_counter() - t0
+    seconds["over_refusal"] = share * len(benign) + time.perf_counter() - t0
 
     t0 = time.perf_counter()
     kl_prompts = _prompts(ev.kl_prompts, "eval.kl_prompts", ev.kl_limit, exclude=training_prompts(cfg))
