@@ -426,6 +426,20 @@ def test_two_fsdp_workers_match_one_worker_and_resume(tiny_model_dir, tmp_path, 
 
 
 @pytest.mark.slow
+def test_two_fsdp_workers_mine_with_embedding_attacks(tiny_model_dir, tmp_path, ray_cluster):
+    """Embedding-space mining under FSDP2 on 2 gloo workers, to a final adapter (the embedded model runs the latent
+    kind the same way: test_embedded_model_two_workers_paper_loss_and_mining_export_a_working_adapter)."""
+    mining = {"enabled": True, "kind": "embedding", "period": 2, "init_iterations": 2, "refresh_iterations": 1,
+              "patience": 1, "use_prob": 1.0, "gate": 1000.0, "soft_prompt_tokens": 3}
+    cfg = make_cfg(tiny_model_dir, mining=mining, train={"steps": 2, "micro_batch_size": 1, "grad_accum": 2,
+                                                         "checkpoint_every": 2},
+                   resources={"num_workers": 2, "cpus_per_worker": 1})
+    out = run_training(cfg, run_name="mined-embedding", storage_path=tmp_path)
+    assert out.step == 2 and out.metrics["mining/used"] == 1.0 and math.isfinite(out.metrics["mining/attack_loss"])
+    assert (out.adapter_dir / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
 def test_training_pushes_harmful_representations_away(tmp_path):
     """On the embedded model with the paper's loss (mix distances, margins 500/1500) and the smoke sweep's data
     (generated compliant answers as harmful, benign answers and refusals as benign): after a short run, harmful
@@ -496,11 +510,11 @@ def test_complete_checkpoints_needs_every_rank_and_the_state(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["latent", "embedding"])
-def test_embedded_model_two_workers_paper_loss_and_mining_export_a_working_adapter(tmp_path, ray_cluster, kind):
+def test_embedded_model_two_workers_paper_loss_and_mining_export_a_working_adapter(tmp_path, ray_cluster):
     """The issue's check on the real model: 2 FSDP2 workers (gloo), the paper's loss (mix distances, margins
-    500/1500, benign layers all) with mining on every step; the exported adapter loads with PeftModel on the base
-    model and changes its logits."""
+    500/1500, benign layers all) with latent mining on every step; the exported adapter loads with PeftModel on the
+    base model and changes its logits (embedding mining on 2 workers: on the tiny model,
+    test_two_fsdp_workers_mine_with_embedding_attacks)."""
     from peft import PeftModel
 
     from crl_ray.data import load_model_and_tokenizer
@@ -514,11 +528,11 @@ def test_embedded_model_two_workers_paper_loss_and_mining_export_a_working_adapt
                          "margin_benign": 500.0, "margin_harmful": 1500.0, "dist_benign_pos": "mix",
                          "dist_benign_neg": "mix", "dist_harmful_pos": "mix", "dist_harmful_neg": "mix",
                          "alpha": 0.5, "beta": 0.4, "gamma": 0.9},
-                   mining={"enabled": True, "kind": kind, "period": 2, "init_iterations": 2, "refresh_iterations": 1,
-                           "patience": 1, "use_prob": 1.0, "gate": 1000.0, "block_high": 4, "soft_prompt_tokens": 4},
+                   mining={"enabled": True, "kind": "latent", "period": 2, "init_iterations": 2,
+                           "refresh_iterations": 1, "patience": 1, "use_prob": 1.0, "gate": 1000.0, "block_high": 4},
                    train={"steps": 2, "lr": 1e-3, "micro_batch_size": 1, "grad_accum": 2, "checkpoint_every": 2},
                    resources={"num_workers": 2, "cpus_per_worker": 1})
-    out = run_training(cfg, run_name=f"mined-{kind}", storage_path=tmp_path)
+    out = run_training(cfg, run_name="mined-latent", storage_path=tmp_path)
     assert out.step == 2 and math.isfinite(out.metrics["train/loss"])
     assert out.metrics["mining/used"] == 1.0 and math.isfinite(out.metrics["mining/attack_loss"])
     base, tok = load_model_and_tokenizer("embedded:smollm2-135m-instruct")

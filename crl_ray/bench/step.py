@@ -12,8 +12,8 @@ benchmark prints one JSON object: seconds per step, tokens/s, peak memory, loss 
 what the project's step saves beyond skipping padding. ``--shape smoke`` benchmarks the smoke sweep's shape
 (micro-batch 2, requests <= 64 and responses <= 48 tokens, LoRA r 8, its loss layers, 2 threads) instead of the
 default 4 x 256. ``--lora-dropout`` sets both variants' LoRA dropout (default 0; the paper's 0.05 costs ~35 % of a
-CPU step, so smoke.yaml runs 0). ``--precision bf16`` runs the project's step under CPU/GPU bf16 autocast (fp32 weights and
-gradients, bf16 matmuls); the naive step always stays the literal fp32 port. ``--frozen-cache`` gives the project's
+CPU step, so smoke.yaml runs 0). ``--precision bf16`` runs the project's step under CPU/GPU bf16 autocast (fp32
+weights and gradients, bf16 matmuls); the naive step always stays the literal fp32 port. ``--frozen-cache`` gives the project's
 step ``train.frozen_cache`` (the frozen outputs of the benchmark's rows computed once, before the timed steps;
 that one-off cost is reported apart). The project's JSON also says how much of its step the frozen passes take
 (``frozen_share``: the most a frozen-output cache can save) and, with ``--profile``, its top operators.
