@@ -188,7 +188,7 @@ def test_two_fsdp_workers_with_frozen_cache_match_inline(tiny_model_dir, tmp_pat
     cached = make_cfg(tiny_model_dir, loss=LOSS, train={**train, "micro_batch_size": 1, "frozen_cache": True},
                       resources={"num_workers": 2, "cpus_per_worker": 1})
     dist = run_training(cached, run_name="fsdp", storage_path=tmp_path)
-    assert (tmp_path / "fsdp" / "data" / FROZEN_FILE).is_file()
-    assert not (tmp_path / "local" / "data" / FROZEN_FILE).exists()
+    assert (dist.data_provenance.parent / FROZEN_FILE).is_file()
+    assert not (local.data_provenance.parent / FROZEN_FILE).exists()
     for key in ("train/loss", "train/loss_kl", "train/grad_norm"):
         assert math.isclose(dist.metrics[key], local.metrics[key], rel_tol=1e-4, abs_tol=1e-5), key

@@ -248,9 +248,13 @@ def test_reduced_smoke_sweep_interrupted_resumes_and_completes(two_nodes, tmp_pa
     assert summary.stat().st_mtime_ns == stamp  # the finished trial was not evaluated again
     trials = sorted(p.name for p in (state / "trials").iterdir())
     assert len(trials) == 2 and finished_id in trials
+    # the training data, prepared once by the worker node for both trials (same data, other lr / margin)
+    data = [name for name in trial_files.list("train") if name.startswith("data-")]
+    assert len(data) == 1, trial_files.list("train")
+    copy = trial_files.read_text("train", data[0], "prepared")
+    assert "provenance.json" in trial_files.list("train", data[0], copy)
     for trial in trials:  # what the worker node wrote, in the storage every node reaches
         run = f"train-{trial}"
-        assert "provenance.json" in trial_files.list("train", run, "data")
         assert "adapter_model.safetensors" in trial_files.list("train", run, "checkpoint_step000002", "adapter")
         assert (state / "trials" / trial / "eval-step2" / "records.jsonl").is_file()  # returned to the driver
         assert "records.jsonl" in trial_files.list("trials", trial, "eval-step2")

@@ -28,7 +28,9 @@ from crl_ray.training.reference import naive_step, synthetic_batch
 from crl_ray.training.step import LossPlan, StepComputer
 from crl_ray.training.train import (
     ADAPTER_DIR,
+    DATA_MARKER,
     Worker,
+    data_key,
     micro_batch,
     prepare_data,
     run_training,
@@ -297,6 +299,47 @@ def test_resume_continues_at_the_same_step_and_matches_an_uninterrupted_run(tiny
     assert math.isclose(resumed.metrics["train/loss"], straight.metrics["train/loss"], rel_tol=1e-5)
     again = run_training(cfg, run_name="r", storage_path=tmp_path / "a")  # finished: nothing to redo
     assert again.step == 4 and again.checkpoint_dir == resumed.checkpoint_dir
+
+
+def test_data_key_changes_with_what_the_prepared_data_hold(tiny_model_dir):
+    base = data_key(make_cfg(tiny_model_dir))
+    # what a sweep searches besides the data: one preparation for all its trials
+    assert base == data_key(make_cfg(tiny_model_dir, train={"lr": 3e-3, "steps": 8},
+                                     loss={"margin_harmful": 9.0, "beta": 0.1}, lora={"r": 8, "alpha": 8}))
+    changed = [make_cfg(tiny_model_dir, data={"max_response_tokens": 12}),
+               make_cfg(tiny_model_dir, data={"seed": 7}),
+               make_cfg(tiny_model_dir, model={"name": str(tiny_model_dir), "dtype": "bfloat16"}),
+               make_cfg(tiny_model_dir, eval={"behaviors": {"source": "harmbench_test"}}),
+               make_cfg(tiny_model_dir, train={"frozen_cache": True})]
+    keys = [data_key(c) for c in changed]
+    assert base not in keys and len(set(keys)) == len(keys)
+    # with the frozen cache on, the layers it stores are part of the data; without it they are not
+    cached = {"frozen_cache": True}
+    assert (data_key(make_cfg(tiny_model_dir, train=cached, loss={"target_layers": [1, 2]}))
+            != data_key(make_cfg(tiny_model_dir, train=cached, loss={"target_layers": [2, 3]})))
+    assert (data_key(make_cfg(tiny_model_dir, loss={"target_layers": [1, 2]}))
+            == data_key(make_cfg(tiny_model_dir, loss={"target_layers": [2, 3]})))
+
+
+def test_runs_of_one_storage_prepare_their_data_once(tiny_model_dir, tmp_path, monkeypatch):
+    import crl_ray.training.train as train
+
+    calls = []
+    real = train.prepare_data
+    monkeypatch.setattr(train, "prepare_data", lambda cfg, out: calls.append(out) or real(cfg, out))
+    first = run_training(make_cfg(tiny_model_dir, train={"steps": 1}), run_name="a", storage_path=tmp_path)
+    second = run_training(make_cfg(tiny_model_dir, train={"steps": 1, "lr": 5e-3}, loss={"margin_harmful": 4.0}),
+                          run_name="b", storage_path=tmp_path)
+    assert len(calls) == 1 and first.data_provenance == second.data_provenance
+    folder = first.data_provenance.parent
+    assert (folder.parent / DATA_MARKER).read_text() == folder.name and first.data_provenance.is_file()
+    other = run_training(make_cfg(tiny_model_dir, train={"steps": 1}, data={"seed": 3}), run_name="c",
+                         storage_path=tmp_path)
+    assert len(calls) == 2 and other.data_provenance.parent.parent != folder.parent
+    # a marker naming a copy that is not there (deleted by hand) is not trusted: the data are prepared again
+    (folder.parent / DATA_MARKER).write_text("gone")
+    again = run_training(make_cfg(tiny_model_dir, train={"steps": 1}), run_name="d", storage_path=tmp_path)
+    assert len(calls) == 3 and again.data_provenance.is_file() and first.data_provenance.is_file()
 
 
 def test_schedule_and_weight_decay_change_training(tiny_model_dir, tmp_path):

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from crl_ray.config import SweepConfig, dump_config
-from crl_ray.storage import Store, is_uri, local_copy
+from crl_ray.storage import Store, is_uri, join, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ ADAPTER_DIR = "adapter"
 FAILED_KEY = "failed"  # reported instead of metrics when the loss became non-finite
 FAILED_FILE = "failed.txt"  # rank 0 writes the reason into the run's folder
 COMPLETE_MARKER = ".complete_rank"  # + rank: that rank's checkpoint files are persisted
+DATA_PREFIX = "data-"  # + data_key(cfg): the training data shared by the runs of one storage (a sweep's trials)
+DATA_MARKER = "prepared"  # in that folder: the name of a complete copy under it
 
 
 def _base_name(location: str | Path) -> str:
@@ -457,6 +459,49 @@ def prepare_data(cfg: SweepConfig, out: Path) -> Path:
     return out
 
 
+def data_key(cfg: SweepConfig) -> str:
+    """Hash of everything :func:`prepare_data` reads: the model, the data section, the held-out evaluation
+    behaviours and, with the frozen-output cache on, what the frozen outputs hold (layers, masks). Runs that differ
+    only elsewhere (lr, margins, loss weights, steps, ...) share one preparation."""
+    import hashlib
+
+    from crl_ray.data.generate import library_versions
+
+    spec = None
+    if cfg.frozen_cache:
+        from crl_ray.training.frozen import FROZEN_VERSION, FrozenSpec
+        from crl_ray.training.step import LossPlan
+        from crl_ray.validate import model_info
+
+        plan = LossPlan.from_config(cfg, model_info(cfg.model.name, cfg.model.revision).num_blocks)
+        spec = {"version": FROZEN_VERSION, **FrozenSpec.of(cfg, plan).__dict__}
+    payload = {"model": cfg.model.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"),
+               "held_out": cfg.eval.behaviors.model_dump(mode="json"), "frozen": spec,
+               "libraries": library_versions()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def shared_data(cfg: SweepConfig, store: Store, *, local: bool) -> str | Path:
+    """The location of the prepared training data for ``cfg`` under ``store``: prepared once per :func:`data_key`
+    and reused by every later run there (a sweep's trials, a resumed segment). A preparation writes a copy under a
+    fresh name and then the marker naming it, and no copy is ever deleted, so runs preparing at once (concurrent
+    trials) each get a complete copy and a reader never sees a partial one, on a folder or an object store.
+    ``local``: prepare in this process (local mode), else in a Ray task with a worker's resources."""
+    folder = store.child(f"{DATA_PREFIX}{data_key(cfg)}")
+    if folder.is_file(DATA_MARKER):
+        name = folder.read_text(DATA_MARKER).strip()
+        if name and folder.is_file(name, "provenance.json"):
+            log.info("training data prepared before: %s", folder.uri(name))
+            return folder.located(name)
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}"
+    if local:
+        prepare_data(cfg, Path(folder.path(name)))
+    else:
+        prepare_data_on_a_worker(cfg, folder.uri(name))
+    folder.write_text(name, DATA_MARKER)
+    return folder.located(name)
+
+
 def prepare_data_on_a_worker(cfg: SweepConfig, out: str | Path) -> str:
     """:func:`prepare_data` as a Ray task with one training worker's resources (its GPU when ``use_gpu``), outside
     the caller's placement group: answers that are not cached yet are generated there in the model's dtype, not on
@@ -505,8 +550,8 @@ def run_training(cfg: SweepConfig, *, run_name: str, storage_path: str | Path, c
     if local and store.remote:
         raise ValueError("resources.num_workers: 0 (local mode) keeps checkpoints in a folder: storage.path must "
                          "be a folder, not an object-store URI")
-    data_dir = (str(prepare_data(cfg, Path(run.path("data")))) if local
-                else prepare_data_on_a_worker(cfg, run.uri("data")))
+    data = shared_data(cfg, store, local=local)
+    data_dir = str(data)
     loop_config = {"cfg": dump_config(cfg), "until_step": until, "cache_dir": str(cache_dir()),
                    "data_dir": data_dir, "local_dir": run.path() if local else None, "run_dir": run.uri(),
                    "threads": int(res.cpus_per_worker) if not res.use_gpu else None}
@@ -542,4 +587,8 @@ def run_training(cfg: SweepConfig, *, run_name: str, storage_path: str | Path, c
     metrics = {k: float(v) for k, v in (result.metrics or {}).items()
                if isinstance(v, (int, float)) and math.isfinite(float(v))}
     return TrainOutcome(adapter_dir=run.located(name, ADAPTER_DIR), checkpoint_dir=run.located(name),
-                        metrics=metrics, step=int(state["step"]), data_provenance=run.located("data", "provenance.json"))
+                        metrics=metrics, step=int(state["step"]), data_provenance=_inside(data, "provenance.json"))
+
+
+def _inside(location: str | Path, name: str) -> str | Path:
+    return location / name if isinstance(location, Path) else join(location, name)
