@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from crl_ray.config import SweepConfig, dump_config
-from crl_ray.storage import Store, is_uri, join, local_copy
+from crl_ray.storage import Store, is_uri, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -481,8 +481,8 @@ def data_key(cfg: SweepConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def shared_data(cfg: SweepConfig, store: Store, *, local: bool) -> str | Path:
-    """The location of the prepared training data for ``cfg`` under ``store``: prepared once per :func:`data_key`
+def shared_data(cfg: SweepConfig, store: Store, *, local: bool) -> Store:
+    """The prepared training data for ``cfg`` under ``store`` (the copy's folder, as a Store): prepared once per :func:`data_key`
     and reused by every later run there (a sweep's trials, a resumed segment). A preparation writes a copy under a
     fresh name and then the marker naming it, and no copy is ever deleted, so runs preparing at once (concurrent
     trials) each get a complete copy and a reader never sees a partial one, on a folder or an object store.
@@ -492,14 +492,14 @@ def shared_data(cfg: SweepConfig, store: Store, *, local: bool) -> str | Path:
         name = folder.read_text(DATA_MARKER).strip()
         if name and folder.is_file(name, "provenance.json"):
             log.info("training data prepared before: %s", folder.uri(name))
-            return folder.located(name)
+            return folder.child(name)
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}"
     if local:
         prepare_data(cfg, Path(folder.path(name)))
     else:
         prepare_data_on_a_worker(cfg, folder.uri(name))
     folder.write_text(name, DATA_MARKER)
-    return folder.located(name)
+    return folder.child(name)
 
 
 def prepare_data_on_a_worker(cfg: SweepConfig, out: str | Path) -> str:
@@ -551,7 +551,7 @@ def run_training(cfg: SweepConfig, *, run_name: str, storage_path: str | Path, c
         raise ValueError("resources.num_workers: 0 (local mode) keeps checkpoints in a folder: storage.path must "
                          "be a folder, not an object-store URI")
     data = shared_data(cfg, store, local=local)
-    data_dir = str(data)
+    data_dir = str(data.located())
     loop_config = {"cfg": dump_config(cfg), "until_step": until, "cache_dir": str(cache_dir()),
                    "data_dir": data_dir, "local_dir": run.path() if local else None, "run_dir": run.uri(),
                    "threads": int(res.cpus_per_worker) if not res.use_gpu else None}
@@ -587,8 +587,4 @@ def run_training(cfg: SweepConfig, *, run_name: str, storage_path: str | Path, c
     metrics = {k: float(v) for k, v in (result.metrics or {}).items()
                if isinstance(v, (int, float)) and math.isfinite(float(v))}
     return TrainOutcome(adapter_dir=run.located(name, ADAPTER_DIR), checkpoint_dir=run.located(name),
-                        metrics=metrics, step=int(state["step"]), data_provenance=_inside(data, "provenance.json"))
-
-
-def _inside(location: str | Path, name: str) -> str | Path:
-    return location / name if isinstance(location, Path) else join(location, name)
+                        metrics=metrics, step=int(state["step"]), data_provenance=data.located("provenance.json"))
