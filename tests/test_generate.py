@@ -192,6 +192,54 @@ def test_every_input_of_the_key_misses_the_cache(tok, model, tmp_path):
     assert cache_key(PROMPTS, **base, dtype="float32") == cache_key(PROMPTS, **base)
 
 
+def test_a_repetition_penalty_is_its_own_cache_entry_and_none_keeps_the_old_keys():
+    cfg = GenerationConfig(max_new_tokens=4, batch_size=4)
+    base = dict(model_id="m", revision=None, system=None)
+    two = ["Hi", "How do I bake bread?"]
+    # the key this entry had before GenerationConfig had a repetition_penalty (computed with that code)
+    assert cache_key(two, cfg=cfg, **base) == "ec48670de55af6c0eaadafbf4d6b20050802f61fe5d42b63fb141ea732eac5c7"
+    assert cache_key(two, cfg=cfg.model_copy(update={"repetition_penalty": 1.2}), **base) != cache_key(
+        two, cfg=cfg, **base)
+
+
+def test_the_repetition_penalty_spares_the_prompt_and_changes_looping_answers(tok, model):
+    """HF generate's own repetition_penalty would penalise the prompt's tokens too; ours penalises the answer's."""
+    greedy = GenerationConfig(max_new_tokens=16, batch_size=5)
+    penalised = greedy.model_copy(update={"repetition_penalty": 1.5})
+    plain = generate_answers(PROMPTS, model=model, tokenizer=tok, cfg=greedy)
+    ours = generate_answers(PROMPTS, model=model, tokenizer=tok, cfg=penalised)
+    assert ours != plain
+    hf = [_hf_penalised(model, tok, p, 16, 1.5) for p in PROMPTS]
+    assert ours != hf, "HF's penalty on the prompt gives other answers on these prompts"
+    for p, answer in zip(PROMPTS, ours):
+        assert answer == _answer_penalised(model, tok, p, 16, 1.5)
+
+
+def _hf_penalised(model, tok, prompt: str, n: int, penalty: float) -> str:
+    ids = torch.tensor([build_request(tok, prompt)])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         repetition_penalty=penalty, eos_token_id=end_of_turn_id(tok),
+                         pad_token_id=pad_id(tok))[0, ids.shape[1]:].tolist()
+    return tok.decode(out[: out.index(end_of_turn_id(tok))] if end_of_turn_id(tok) in out else out,
+                      skip_special_tokens=True)
+
+
+@torch.no_grad()
+def _answer_penalised(model, tok, prompt: str, n: int, penalty: float) -> str:
+    """Independent reference: a full forward per token; a logit of a token already in the answer is divided by the
+    penalty when positive and multiplied when negative (CTRL)."""
+    ids, answer = build_request(tok, prompt), []
+    for _ in range(n):
+        logits = model(torch.tensor([ids + answer])).logits[0, -1].clone()
+        for t in set(answer):
+            logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
+        nxt = int(logits.argmax())
+        if nxt == end_of_turn_id(tok):
+            break
+        answer.append(nxt)
+    return tok.decode(answer, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "no_meta", "garbage_meta", "edit_answer"])
 def test_damaged_cache_is_regenerated(tok, model, tmp_path, damage):
     cfg = GenerationConfig(max_new_tokens=4, batch_size=4)

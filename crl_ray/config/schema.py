@@ -244,6 +244,9 @@ class GenerationConfig(Section):
     max_new_tokens: int = Field(128, gt=0)
     batch_size: int = Field(8, gt=0)
     temperature: float = Field(0.0, ge=0, description="0 = greedy.")
+    repetition_penalty: float = Field(
+        1.0, ge=1.0, description="CTRL's repetition penalty on the tokens of the answer so far (the prompt's are not "
+        "penalised); 1 = none (HarmBench's plain greedy decoding). See eval.repetition_penalty.")
     seed: int = 0
 
     def generator(self, model: "ModelConfig") -> tuple[str, str | None]:
@@ -472,6 +475,12 @@ class EvalConfig(Section):
         "the frozen judge LM (default: the embedded SmolLM2-135M-Instruct, whatever model is evaluated).",
     )
     max_new_tokens: int = Field(64, gt=0, description="Tokens generated per answer; more = longer answers to judge.")
+    repetition_penalty: float = Field(
+        1.0, ge=1.0, description="Greedy decoding with CTRL's repetition penalty (transformers' "
+        "RepetitionPenaltyLogitsProcessor) on the answer's own tokens, for every generated answer (attacks, "
+        "over-refusal, the base model's answers); 1 = none (HarmBench). Small models loop under plain greedy "
+        "decoding (the embedded SmolLM2: 30% of benign answers at 128 tokens); 1.2 removes the loops, so benign "
+        "degeneracy measures the defense, not the decoder (docs/LOG.md).")
     generation_batch_size: int = Field(
         32, gt=0, description="Rows per batch when the direct and prefill attacks' and the over-refusal prompts' "
         "answers are generated, all in one greedy pass (longest first); higher = faster (CPU greedy decoding is "

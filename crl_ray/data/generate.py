@@ -61,11 +61,13 @@ def generate_answers(
     """The model's answer to each chat-templated prompt, in prompt order.
 
     Batches of ``cfg.batch_size`` prompts, left padded; greedy when ``cfg.temperature == 0``, else plain
-    temperature sampling (no top-k/top-p) seeded by ``cfg.seed``; at most ``cfg.max_new_tokens`` new tokens.
+    temperature sampling (no top-k/top-p) seeded by ``cfg.seed``; at most ``cfg.max_new_tokens`` new tokens;
+    ``cfg.repetition_penalty`` on the answer's own tokens (as :func:`crl_ray.evaluate.attacks.greedy_generate`).
     The answer stops before the end-of-turn token and has no special tokens. The global torch RNG and the
     model's train/eval mode are restored afterwards.
     """
     from transformers import GenerationConfig as HFGenerationConfig
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
     prompts = list(prompts)
     if not prompts:
@@ -112,10 +114,16 @@ def generate_answers(
                         n = len(requests[i])
                         input_ids[row, width - n:] = torch.tensor(requests[i], dtype=torch.long)
                         attention_mask[row, width - n:] = 1
+                    # generate()'s own repetition_penalty would also penalise the prompt's tokens
+                    extra = {}
+                    if cfg.repetition_penalty != 1.0:
+                        extra["logits_processor"] = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(
+                            cfg.repetition_penalty, prompt_ignore_length=width)])
                     out = model.generate(
                         input_ids=input_ids.to(device),
                         attention_mask=attention_mask.to(device),
                         generation_config=hf_cfg,
+                        **extra,
                     )
                     for row, i in enumerate(idx):
                         answers[i] = _decode_answer(out[row, width:].tolist(), tokenizer, stop)
@@ -140,12 +148,16 @@ def cache_key(
 ) -> str:
     """sha256 over everything that determines the answers. ``dtype``: the generator's weights; float32 (or None)
     adds nothing to the key, so entries made before the dtype was part of it (all float32) stay valid, while a
-    bfloat16 GPU run and a float32 CPU run of the same model never share answers."""
+    bfloat16 GPU run and a float32 CPU run of the same model never share answers. Likewise a repetition penalty of
+    1 (none) is left out of the settings, so entries made before it existed stay valid."""
+    settings = cfg.model_dump(mode="json")
+    if settings.get("repetition_penalty") == 1.0:
+        del settings["repetition_penalty"]
     payload = {
         "model_id": model_id,
         "revision": revision,
         "system": system,
-        "settings": cfg.model_dump(mode="json"),
+        "settings": settings,
         "prompts": list(prompts),
         "generate_version": GENERATE_VERSION,
     }

@@ -309,12 +309,17 @@ def _tail(model: Any, layouts: Sequence[AttackLayout], labels: Tensor) -> Tensor
 # ============================================================================================ generation
 @torch.no_grad()
 def greedy_generate(model: Any, tokenizer: Any, inputs: Sequence[Tensor], *, max_new_tokens: int,
-                    batch_size: int) -> list[str]:
+                    batch_size: int, repetition_penalty: float = 1.0) -> list[str]:
     """Greedy continuations of input embeddings (one ``[L_i, D]`` tensor per row), in input order.
 
     Rows are left padded in batches of ``batch_size``; each stops at the end-of-turn/eos token (not included) or
     after ``max_new_tokens``. Only the last position gets logits. Decoded without special tokens.
+    ``repetition_penalty`` != 1: transformers' RepetitionPenaltyLogitsProcessor on the tokens generated so far
+    (the inputs are embeddings, so the prompt is never penalised; ``generate_answers`` does the same).
     """
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    penalty = RepetitionPenaltyLogitsProcessor(repetition_penalty) if repetition_penalty != 1.0 else None
     stop = set(stop_ids(tokenizer))
     stop_t = torch.tensor(sorted(stop), device=model_device(model))
     kw = _cache_kwarg(model)
@@ -334,7 +339,10 @@ def greedy_generate(model: Any, tokenizer: Any, inputs: Sequence[Tensor], *, max
         done = torch.zeros(len(rows), dtype=torch.bool, device=embeds.device)
         tokens = []
         for _ in range(max_new_tokens):
-            nxt = out.logits[:, -1].argmax(-1)
+            scores = out.logits[:, -1]
+            if penalty is not None and tokens:
+                scores = penalty(torch.stack(tokens, dim=1), scores.float())
+            nxt = scores.argmax(-1)
             tokens.append(nxt)
             done |= torch.isin(nxt, stop_t)
             if bool(done.all()):
@@ -658,7 +666,7 @@ def plain_generations(model: Any, tokenizer: Any, names: Sequence[str], behavior
                 chunk = order[start:start + step]
                 inputs = [r if isinstance(r, Tensor) else _embed(model, r) for r in (rows[j][3] for j in chunk)]
                 out = greedy_generate(model, tokenizer, inputs, max_new_tokens=cfg.max_new_tokens,
-                                      batch_size=len(chunk))
+                                      batch_size=len(chunk), repetition_penalty=cfg.repetition_penalty)
                 for j, text in zip(chunk, out):
                     texts[j] = text
                 bar.update(len(chunk))

@@ -414,14 +414,16 @@ def categorize(judge: Any, behaviors: Sequence[str], generations: Sequence[str])
 
 
 def _base_answers(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, prompts: Sequence[str]) -> list[str]:
-    """The base model's greedy answers to ``prompts`` (adapter disabled), through the generation cache."""
+    """The base model's greedy answers to ``prompts`` (adapter disabled, ``eval.repetition_penalty`` as for the
+    evaluated model), through the generation cache."""
     from crl_ray.config import GenerationConfig
     from crl_ray.data.assets import cache_dir
     from crl_ray.data.generate import cached_answers
     from crl_ray.evaluate.capability import reference_model
 
     ev = cfg.eval
-    gen = GenerationConfig(max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, temperature=0.0)
+    gen = GenerationConfig(max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, temperature=0.0,
+                           repetition_penalty=ev.repetition_penalty)
     with reference_model(model) as base:
         return cached_answers(prompts, model_id=cfg.model.name, revision=cfg.model.revision, cfg=gen, system=None,
                               cache_dir=cache_dir() / "generations", load_model=lambda: (base, tokenizer),
