@@ -619,32 +619,3 @@ def test_embedded_model_adapter_export_reproduces_the_trained_logits(tmp_path):
             plain = reloaded(input_ids=ids).logits
     assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     assert (theirs - plain).abs().max() > 1e-3
-
-
-def test_cpu_tasks_may_reuse_a_worker_and_gpu_tasks_get_a_fresh_one(monkeypatch):
-    """run_task: max_calls=1 (a fresh process that frees the device's memory) only for GPU tasks; CPU tasks reuse
-    an idle worker, whose imports are done."""
-    import ray
-
-    from crl_ray.training.train import run_task
-
-    seen: list[tuple[int, dict]] = []
-
-    class Remote:
-        def __init__(self, max_calls: int) -> None:
-            self.max_calls = max_calls
-
-        def options(self, **options):
-            seen.append((self.max_calls, options))
-            return self
-
-        def remote(self, *args):
-            return args
-
-    monkeypatch.setattr(ray, "remote", lambda max_calls: lambda fn: Remote(max_calls))
-    monkeypatch.setattr(ray, "get", lambda ref: ("done", ref))
-    assert run_task(len, {"num_cpus": 2}, "x") == ("done", ("x",))
-    run_task(len, {"num_cpus": 1, "num_gpus": 0.5}, "x")
-    run_task(len, {"num_cpus": 1, "num_gpus": 0}, "x")
-    assert [m for m, _ in seen] == [0, 1, 0]
-    assert all(o["scheduling_strategy"].placement_group is None for _, o in seen)

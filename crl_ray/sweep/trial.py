@@ -162,8 +162,8 @@ def failure_reason(exc: BaseException) -> str:
 def evaluate_remote(job: TrialJob, cfg: SweepConfig, adapter_dir: str | Path | None, out_dir: Path):
     """Run ``job.evaluate`` as a Ray task with one worker's GPU (or the trial's CPUs), outside the trial's group.
 
-    The driver itself holds only a sliver of CPU; the task starts after training has released its workers (on a
-    GPU in a fresh process that frees the device's memory when done: :func:`run_task`). It may run on any node: it reads the adapter from
+    The driver itself holds only a sliver of CPU; the task starts after training has released its workers, in a
+    fresh process (max_calls=1) that frees its memory when done. It may run on any node: it reads the adapter from
     its storage location (a local copy for an object store), writes its outputs to a temporary folder there and
     returns them, and this function writes them into ``out_dir`` (on the driver's node) and points the outcome at
     them.

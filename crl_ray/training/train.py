@@ -512,13 +512,11 @@ def prepare_data_on_a_worker(cfg: SweepConfig, out: str | Path) -> str:
 
 def run_task(fn, options: dict[str, float], *args: Any) -> Any:
     """``fn(*args)`` as a Ray task with ``options`` (resources), outside the caller's placement group (a trial
-    driver's); returns its result. A GPU task runs in a fresh worker process (max_calls=1) that frees the device's
-    memory when done; a CPU task may reuse an idle worker of an earlier task, whose torch / transformers / peft
-    imports are already done (~6.5 s of a fresh process on 2 cores, docs/LOG.md)."""
+    driver's), in a fresh worker process (max_calls=1) that frees its memory when done; returns its result."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    task = ray.remote(max_calls=1 if options.get("num_gpus") else 0)(fn).options(
+    task = ray.remote(max_calls=1)(fn).options(
         **options, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     return ray.get(task.remote(*args))
 
