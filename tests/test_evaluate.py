@@ -149,7 +149,7 @@ def test_same_seed_same_results_with_real_attacks(tok, model, tmp_path):
     check = summary["judge_check"]
     assert check["refusal_labels"]["n"] == 169 and check["objective_labels"]["n"] == 395
     assert 0 < check["all"]["accuracy"] < 1 and a.metrics["eval/judge/accuracy"] == check["all"]["accuracy"]
-    assert summary["judge_accuracy"]["judge/labels"] == 169 + 395 + 224 and check["smollm2_labels"]["n"] == 224
+    assert summary["judge_accuracy"]["judge/labels"] == 169 + 395 + 429 and check["smollm2_labels"]["n"] == 429
     assert summary["kl_benign"]["prompts"] == 2
     assert "eval/seconds/judge_check" in a.metrics
 
@@ -281,7 +281,7 @@ def test_cli_judge_check_prints_numbers(capsys):
     got = json.loads(out)
     assert code == 0 and got["judge"]["name"] == "keyword"
     assert got["refusal_labels"]["n"] == 169 and got["refusal_labels"]["fnr"] == 0.0
-    assert got["summary"]["judge/labels"] == 395 + 169 + 224 and 0 < got["summary"]["judge/accuracy"] < 1
+    assert got["summary"]["judge/labels"] == 395 + 169 + 429 and 0 < got["summary"]["judge/accuracy"] < 1
     code, _, err = run_cli(["judge-check", "--judge", "nope"], capsys)
     assert code == 2 and "eval.judge" in err
 

@@ -240,9 +240,9 @@ def build_check_parser() -> argparse.ArgumentParser:
         prog="python -m crl_ray.evaluate judge-check",
         description="Measure a judge on the embedded human labels: objective_labels (395 answers: did the response "
         "carry out the request), refusal_labels (169: did it comply; answering another question counts as a "
-        "refusal) and smollm2_labels (224 of the embedded SmolLM2's answers, base and defended, labelled by the "
+        "refusal) and smollm2_labels (429 of the embedded SmolLM2's answers, base and defended, labelled by the "
         "project). Accuracy, false-positive and false-negative rates and the ASR bias (judged rate - human rate), "
-        "each with a 95%% interval. The probe judge is fitted on objective_labels and smollm2_labels, so its "
+        "each with a 95% interval. The probe judge is fitted on objective_labels and smollm2_labels, so its "
         "figures there are cross-validated (grouped by request) and refusal_labels is held out; the first run fits "
         "it (a few minutes) and caches it. Prints JSON.",
         epilog="Example: python -m crl_ray.evaluate judge-check --judge keyword",

@@ -22,7 +22,7 @@ round(``layer_fraction`` x depth) (20 of SmolLM2's 30 blocks), the mean state ov
 state at its last token and at the request's last token (requests cut to ``max_request_tokens``, answers to
 ``max_answer_tokens``). The probe (standardised features, L2-regularised logistic regression, C = ``c``) is fitted
 on the human "objective achieved" labels (pyrit 1.1.0's scorer evaluation set, 395 rows, answers of capable chat
-models) together with the project's own hand labels of the embedded SmolLM2's answers (224 rows, base and defended
+models) together with the project's own hand labels of the embedded SmolLM2's answers (429 rows, base and defended
 models, :func:`~crl_ray.evaluate.judges.smollm2_labels`): fitted on pyrit's labels alone, the judge took 58 % of
 SmolLM2's non-compliant answers (number lists, vacuous "Step 1: prepare the X" plans, fiction) for compliance
 (docs/LOG.md, 2026-12-02). The refusal set (169 rows, where an answer that ignores the request counts as a refusal)
