@@ -197,7 +197,8 @@ def test_real_probe_judge_accuracy_on_held_out_human_labels():
     """Fitted on the 395 objective labels and the project's 429 SmolLM2 labels (cached after the first fit);
     measured by CV grouped by request and on the 169 held-out refusal labels. Bars: the issue's targets on pyrit's
     human labels (0.90, bias +-0.05), and on SmolLM2's own answers what was measured with room for noise (0.857,
-    bias -0.009 on 2026-12-02 with 224 labels; 0.869, bias -0.005 with 429 on 2026-12-02, session 14); the v4 judge, fitted on pyrit's labels only, scored 0.51 there with bias +0.44."""
+    bias -0.009 on 2026-12-02 with 224 labels; 0.869, bias -0.005 with 429 on 2026-12-02, session 14); the v4
+    judge, fitted on pyrit's labels only, scored 0.51 there with bias +0.44."""
     judge = get_judge("probe")
     cal = judge.calibration()
     sets = cal["by_set"]
