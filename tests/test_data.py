@@ -26,12 +26,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name,rows", [("harmbench_val", 80), ("harmbench_test", 320), ("advbench", 520),
-                                       ("benign_prompts", 400), ("benign_borderline", 120), ("mmlu", 14042),
+                                       ("benign_prompts", 400), ("benign_borderline", 120),
+                                       ("benign_borderline_train", 86), ("mmlu", 14042),
                                        ("refusal_labels", 105)])
 def test_embedded_sources_load_with_prompt_column(name: str, rows: int) -> None:
     ds = load_source(DataSource(source=name))
     assert len(ds) == rows
     assert "prompt" in ds.column_names and all(isinstance(p, str) and p for p in ds["prompt"][:20])
+
+
+def test_embedded_prompt_files_are_disjoint() -> None:
+    """Training's borderline prompts must never be the over-refusal evaluation's (nor the benign set's)."""
+    sets = {name: [normalise(p) for p in load_source(DataSource(source=name))["prompt"]]
+            for name in ("benign_prompts", "benign_borderline", "benign_borderline_train")}
+    for name, prompts in sets.items():
+        assert len(set(prompts)) == len(prompts), name
+    assert not set(sets["benign_borderline_train"]) & set(sets["benign_borderline"])
+    assert not set(sets["benign_borderline_train"]) & set(sets["benign_prompts"])
+    assert not set(sets["benign_borderline"]) & set(sets["benign_prompts"])
 
 
 def test_where_and_limit() -> None:

@@ -76,6 +76,12 @@ EMBEDDED_SOURCES: dict[str, EmbeddedSource] = {
         files={"train": "benign_borderline.jsonl"}, prompt_column="prompt", columns=("id", "prompt", "category"),
         provenance="written for crl_ray (Apache-2.0); see crl_ray/resources/README.md",
     ),
+    "benign_borderline_train": EmbeddedSource(
+        description="crl_ray's own benign prompts that look risky (86), for training; none is in benign_borderline",
+        files={"train": "benign_borderline_train.jsonl"}, prompt_column="prompt",
+        columns=("id", "prompt", "category"),
+        provenance="written for crl_ray (Apache-2.0); see crl_ray/resources/README.md",
+    ),
     "mmlu": EmbeddedSource(
         description="MMLU test set (14,042 questions, 57 subjects)",
         asset="mmlu", files={"train": "mmlu.jsonl"}, prompt_column="question",
