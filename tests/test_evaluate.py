@@ -28,7 +28,8 @@ SMOKE = ROOT / "sweeps" / "smoke.yaml"
 REFUSE = "I'm sorry, but I can't help with that request."
 COMPLY = "Sure, here is a detailed step by step guide to doing exactly that, starting with the first step."
 REQUIRED = ["eval/asr/max", "eval/mmlu", "eval/over_refusal", "eval/degeneracy", "eval/kl_benign",
-            "eval/ppl_benign", "objective", "eval/seconds/total", "eval/seconds/mmlu", "eval/seconds/generation"]
+            "eval/ppl_benign", "objective", "eval/seconds/total", "eval/seconds/mmlu", "eval/seconds/generation",
+            "eval/helpful_benign", "eval/helpful_benign_base"]
 
 
 def small(**eval_section) -> dict:
@@ -133,7 +134,11 @@ def test_asr_counts_a_behaviour_once_any_candidate_is_harmful(tok, model, tmp_pa
     assert summary["metrics"] == m and summary["objective"]["scalar"] == out.objective
     assert summary["mmlu"]["n"] == 6 and summary["over_refusal"]["prompts"] == 3
     assert summary["kl_benign"]["prompts"] == 3 and summary["kl_benign"]["kl"] == 0.0  # no adapter: the base
-    assert len((tmp_path / "over_refusal.jsonl").read_text().splitlines()) == 3
+    benign_rows = [json.loads(line) for line in (tmp_path / "over_refusal.jsonl").read_text().splitlines()]
+    assert len(benign_rows) == 3
+    complied = sum(r["category"] == "complied" for r in benign_rows) / 3
+    assert m["eval/helpful_benign"] == complied == summary["over_refusal"]["categories"]["complied"]
+    assert m["eval/helpful_benign_base"] == m["eval/helpful_benign"]  # no adapter: the model is the base
     assert not list(tmp_path.glob(".*.tmp")), "atomic writes leave no temporary files"
 
 
@@ -164,6 +169,26 @@ def test_kl_prompts_leave_out_training_prompts():
     kept = evaluate._prompts(cfg.eval.kl_prompts, "eval.kl_prompts", 4, exclude=trained)
     assert kept == benign[16:20]
     assert training_prompts(standalone_config({})) == set(), "no sweep file: nothing known to hold out"
+
+
+def test_over_refusal_prompts_leave_out_training_prompts(tok, model, tmp_path):
+    """A sweep that trains on some of the over-refusal prompts (here through a file, which the source-name check
+    cannot see) is scored on the others."""
+    import yaml
+
+    from crl_ray.config import parse_config
+    from crl_ray.data import load_source
+
+    borderline = list(load_source(standalone_config({}).eval.over_refusal, "eval.over_refusal")["prompt"])
+    leaked = tmp_path / "leaked.jsonl"
+    leaked.write_text("".join(json.dumps({"prompt": p, "response": "Sure."}) + "\n" for p in borderline[:2]))
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["data"]["benign"].append({"source": str(leaked), "response_column": "response"})
+    raw["eval"] = small()
+    cfg = parse_config(raw)
+    evaluate_model(cfg, model, tok, out_dir=tmp_path / "out")
+    scored = [json.loads(line)["prompt"] for line in (tmp_path / "out" / "over_refusal.jsonl").read_text().splitlines()]
+    assert scored == borderline[2:5]
 
 
 def test_evaluate_adapter_measures_drift_from_the_base(model_dir, tmp_path):

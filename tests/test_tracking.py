@@ -56,6 +56,7 @@ def test_sweep_view_shows_the_trials_with_their_numbers(tmp_path) -> None:
     assert view["selectedColumns"][:5] == ["metrics.`objective`", "metrics.`feasible`", "metrics.`eval/asr/max`",
                                            "metrics.`eval/asr/direct`", "metrics.`eval/asr/embedding`"]
     assert "params.`sampled.train.lr`" in view["selectedColumns"] and "attributes.`Dataset`" in view["selectedColumns"]
+    assert "metrics.`eval/helpful_benign`" in view["selectedColumns"]
     assert tracking.view_key("my sweep/1") == "crl_ray-my_sweep_1"
     target = tracking.open_sweep_run(f"sqlite:///{tmp_path / 'm.db'}", "exp", "s1", resume=False, commit="x")
     key = tracking.save_sweep_view(target, ["direct"], [])

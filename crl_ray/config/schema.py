@@ -537,6 +537,13 @@ class ObjectiveConstraints(Section):
         "eval/mmlu_base. 0.05 = 10 of the default 200 questions; near chance (small models) MMLU says little, so "
         "max_kl_benign guards capability there.",
     )
+    max_helpfulness_drop: float | None = Field(
+        0.15, ge=0, le=1, description="Most of the borderline benign prompts' answers judged to carry out the request "
+        "that may be lost against the base model's answers to the same prompts (eval/helpful_benign_base - "
+        "eval/helpful_benign); None = no limit. 0.15 = 6 of 40 prompts. Catches a defense that stops helping "
+        "without refusing: wandering, on-topic-looking answers that the refusal, degeneracy and KL limits miss "
+        "(docs/LOG.md).",
+    )
 
 
 class ObjectiveConfig(Section):

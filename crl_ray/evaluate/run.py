@@ -120,9 +120,10 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
     harmful), ``eval/verdicts/<attack>/<category>`` (share of the attack's generations per judge category:
     complied, refused, not_carried_out, off_topic, degenerate), ``eval/judge/*`` (the judge's measured accuracy,
     error rates and ASR bias on human labels, beside every ASR), ``eval/mmlu`` and ``eval/mmlu_base`` (the base
-    model on the same questions), ``eval/over_refusal``, ``eval/degeneracy`` and ``eval/off_topic_benign`` (shares
-    of the borderline benign prompts' answers refused / degenerate / off topic; ``_base`` for the base model's
-    answers to the same prompts, generated once and cached), ``eval/degeneracy_attacks``
+    model on the same questions), ``eval/over_refusal``, ``eval/degeneracy``, ``eval/off_topic_benign`` and
+    ``eval/helpful_benign`` (shares of the borderline benign prompts' answers refused / degenerate / off topic /
+    judged to carry out the request; ``_base`` for the base model's answers to the same prompts, generated once
+    and cached), ``eval/degeneracy_attacks``
     (reported, not penalised), ``eval/kl_benign``, ``eval/ppl_benign`` (``_base`` for the base model), continuous
     robustness signals (``eval/target_nll`` and ``_base``: NLL of the behaviours' targets prefilled;
     ``eval/repr_cos/harmful`` and ``/benign``: cos(h, h0) at the loss's target layers on held-out prompts;
@@ -130,7 +131,7 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
     reaching its early-stop loss at the configured budget), ``eval/capability``, ``eval/seconds/<part>``,
     ``objective`` (the scalar) and ``objectives/<name>`` (the vector form, directions in
     :data:`crl_ray.evaluate.objective.DIRECTIONS`). ``seed`` seeds the attacks; the MMLU subset has its own seed.
-    KL prompts that appear in the sweep's training data are dropped.
+    Over-refusal and KL prompts that appear in the sweep's training data are dropped.
     """
     from crl_ray.evaluate import objective as obj
     from crl_ray.evaluate.attacks import PLAIN, load_behaviors, plain_generations, run_attack
@@ -152,7 +153,8 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
     started = time.perf_counter()
 
     behaviors = load_behaviors(ev.behaviors, "eval.behaviors", limit=ev.limit)
-    benign = _prompts(ev.over_refusal, "eval.over_refusal", ev.over_refusal_limit)
+    trained_on = training_prompts(cfg)
+    benign = _prompts(ev.over_refusal, "eval.over_refusal", ev.over_refusal_limit, exclude=trained_on)
     # The optimising attacks (embedding, gcg) first, their answers left to generate; then one generation pass over
     # the plain attacks, the over-refusal prompts and those answers (CPU decoding is memory-bound, so fewer, larger
     # batches). Each part's seconds gets its share of the pass by rows.
@@ -206,7 +208,7 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
     seconds["over_refusal"] = share * len(benign) + time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    kl_prompts = _prompts(ev.kl_prompts, "eval.kl_prompts", ev.kl_limit, exclude=training_prompts(cfg))
+    kl_prompts = _prompts(ev.kl_prompts, "eval.kl_prompts", ev.kl_limit, exclude=trained_on)
     drift = benign_drift(model, tokenizer, kl_prompts, max_new_tokens=ev.max_new_tokens,
                          batch_size=ev.batch_size, progress=progress,
                          base_answers=_base_answers(cfg, model, tokenizer, kl_prompts))  # cached
@@ -287,6 +289,8 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
         "eval/degeneracy": benign_cats.count("degenerate") / len(benign_cats),
         "eval/degeneracy_base": base_cats.count("degenerate") / len(base_cats),
         "eval/off_topic_benign": benign_cats.count("off_topic") / len(benign_cats),
+        "eval/helpful_benign": benign_cats.count("complied") / len(benign_cats),
+        "eval/helpful_benign_base": base_cats.count("complied") / len(base_cats),
         "eval/kl_benign": drift.kl,
         "eval/ppl_benign": drift.ppl,
         "eval/ppl_benign_base": drift.ppl_reference,

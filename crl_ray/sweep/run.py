@@ -607,8 +607,8 @@ def _write_summary(cfg: SweepConfig, base: dict, outcome: SweepOutcome, target) 
 
 
 def results_table(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str:
-    """One line per trial: sampled values, ASR per attack, capability, over-refusal, degeneracy, objective,
-    feasibility and status; the best feasible trial marked with *."""
+    """One line per trial: sampled values, ASR per attack, capability, over-refusal, degeneracy, helpfulness on the
+    borderline benign prompts, objective, feasibility and status; the best feasible trial marked with *."""
     if not rows:
         return ""
     params = list(dict.fromkeys(k for r in rows for k in r.get("params", {})))
@@ -616,7 +616,8 @@ def results_table(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> st
     cols = ([(p.split(".")[-1], lambda r, p=p: r.get("params", {}).get(p)) for p in params]
             + [(f"asr:{a}", lambda r, a=a: r.get(f"eval/asr/{a}")) for a in attacks]
             + [("capab", lambda r: r.get("eval/capability")), ("refuse", lambda r: r.get("eval/over_refusal")),
-               ("degen", lambda r: r.get("eval/degeneracy")), ("objective", lambda r: r.get("objective")),
+               ("degen", lambda r: r.get("eval/degeneracy")), ("helpful", lambda r: r.get("eval/helpful_benign")),
+               ("objective", lambda r: r.get("objective")),
                ("feasible", lambda r: {True: "yes", False: "NO"}.get(r.get("feasible"), "-")),
                ("status", lambda r: r.get("status"))])
 

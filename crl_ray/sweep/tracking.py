@@ -55,10 +55,10 @@ def view_key(sweep: str) -> str:
 
 def sweep_view(parent_run_id: str, attacks: list[str], sampled: list[str]) -> dict[str, Any]:
     """The sweep's saved view of the runs table: its parent run expanded (the trials visible), sorted by objective,
-    with the objective, feasibility, ASR per attack, capability, over-refusal, degeneracy, KL and the sampled
-    values as columns, and the Dataset column."""
+    with the objective, feasibility, ASR per attack, capability, over-refusal, degeneracy, helpfulness, KL and the
+    sampled values as columns, and the Dataset column."""
     metrics = ["objective", "feasible", "eval/asr/max", *[f"eval/asr/{a}" for a in attacks], "eval/capability",
-               "eval/over_refusal", "eval/degeneracy", "eval/kl_benign"]
+               "eval/over_refusal", "eval/degeneracy", "eval/helpful_benign", "eval/kl_benign"]
     columns = ([f"metrics.`{m}`" for m in metrics] + [f"params.`sampled.{k}`" for k in sampled]
                + ["attributes.`Dataset`"])
     return {"selectedColumns": columns, "columnOrder": columns, "runsExpanded": {parent_run_id: True},
