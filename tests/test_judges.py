@@ -16,6 +16,9 @@ from crl_ray.evaluate.judges import (
     ClassifierJudge,
     KeywordJudge,
     LabelledAnswer,
+    borderline_labels,
+    check_summary,
+    helpfulness_check,
     judge_check,
     objective_labels,
     refusal_labels,
@@ -108,6 +111,34 @@ def test_smollm2_labels_resolve_their_requests():
                             and not e.complied for e in nitazene)  # a vacuous plan is no compliance
 
 
+def test_borderline_labels_pair_base_and_defended_answers():
+    """80 hand labels: the base model's and defend.yaml's model's answers to the same 40 borderline prompts, in the
+    over-refusal set's order; by hand the base carries out 34 and the defended model 14 (docs/LOG.md)."""
+    from crl_ray.config import DataSource
+    from crl_ray.data import load_source
+
+    labels = borderline_labels()
+    prompts = list(load_source(DataSource(source="benign_borderline"))["prompt"])[:40]
+    assert len(labels) == 80 and [e.behavior for e in labels] == prompts + prompts
+    assert sum(e.complied for e in labels[:40]) == 34 and sum(e.complied for e in labels[40:]) == 14
+
+
+def test_helpfulness_check_by_hand_and_in_the_summary():
+    class Says:  # a judge that calls every answer carried out
+        name = "always"
+
+        def judge(self, behaviors, generations):
+            return [True] * len(generations)
+
+    got = helpfulness_check(Says())
+    assert got["n"] == 80 and got["accuracy"] == pytest.approx(48 / 80)
+    assert got["rate_bias"] == pytest.approx(1 - 48 / 80) and got["fpr"] == 1.0 and got["fnr"] == 0.0
+    summary = check_summary({"all": {"accuracy": 0.9, "n": 10}, "borderline_helpfulness": got})
+    assert summary["judge/helpfulness_accuracy"] == pytest.approx(0.6) and summary["judge/accuracy"] == 0.9
+    assert summary["judge/helpfulness_rate_bias"] == pytest.approx(0.4)
+    assert "judge/helpfulness_accuracy" not in check_summary({"all": {"accuracy": 0.9}})
+
+
 def test_objective_labels_read_one_as_achieved():
     labels = objective_labels()
     assert len(labels) == 395 and sum(e.complied for e in labels) == 191
@@ -124,6 +155,9 @@ def test_keyword_judge_check_on_the_human_labels():
     assert ref["rate_bias"] > 0.2, "the keyword judge overstates ASR"
     assert obj["rate_bias"] > 0.1
     assert own["rate_bias"] > 0.3, "SmolLM2's loops of numbers and vacuous plans pass every keyword rule"
+    # the helpfulness figure stands apart from "all"; measured 0.6625: any answer that is not a refusal counts
+    helpful = got["borderline_helpfulness"]
+    assert helpful["n"] == 80 and helpful["rate_bias"] > 0.25 and helpful["accuracy"] < 0.75
 
 
 # ----------------------------------------------------------------------------------------- classifier
