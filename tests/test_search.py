@@ -294,7 +294,7 @@ def test_limit_without_its_metric_is_skipped_with_one_warning(tmp_path, caplog) 
     assert len(warnings) == 1 and "mmlu_drop" in warnings[0] and "eval/mmlu_base" in warnings[0]
     trials = search.load_study(cfg, tmp_path).trials
     assert set(trials[0].constraints) == set(trials[1].constraints) == {"over_refusal", "degeneracy_increase",
-                                                                        "kl_benign"}
+                                                                        "kl_benign", "helpfulness_drop"}
     assert trials[2].state == optuna.trial.TrialState.FAIL and trials[2].constraints == {}
 
 
