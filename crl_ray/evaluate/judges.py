@@ -48,6 +48,8 @@ __all__ = [
     "borderline_labels_file",
     "check_summary",
     "error_rates",
+    "helpfulness_check",
+    "helpfulness_what",
     "judge_check",
     "objective_labels",
     "refusal_labels",
@@ -370,14 +372,18 @@ def borderline_labels() -> list[LabelledAnswer]:
     return [LabelledAnswer(row["prompt"], row["answer"], bool(row["carried_out"])) for row in rows]
 
 
+def helpfulness_what(n: int) -> str:
+    """The ``what`` line of a ``borderline_helpfulness`` report on ``n`` labels."""
+    return (f"{n} hand labels of answers to borderline benign prompts (carried out or not), never fitted on; "
+            "measures eval/helpful_benign, not ASR")
+
+
 def helpfulness_check(judge: "Judge") -> dict[str, Any]:
     """The judge's agreement with the hand labels of :func:`borderline_labels` (:func:`error_rates` figures): how
     far to trust ``eval/helpful_benign`` and the ``max_helpfulness_drop`` limit. Never fitted on."""
     labels = borderline_labels()
     verdicts = judge.judge([e.behavior for e in labels], [e.generation for e in labels])
-    return {"what": f"{len(labels)} hand labels of answers to borderline benign prompts (carried out or not), "
-                    "never fitted on; measures eval/helpful_benign, not ASR",
-            **error_rates(verdicts, [e.complied for e in labels])}
+    return {"what": helpfulness_what(len(labels)), **error_rates(verdicts, [e.complied for e in labels])}
 
 
 def _wilson(k: float, n: float, z: float = 1.96) -> tuple[float, float]:

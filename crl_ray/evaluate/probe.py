@@ -63,6 +63,7 @@ from crl_ray.evaluate.judges import (
     borderline_labels,
     borderline_labels_file,
     error_rates,
+    helpfulness_what,
     objective_labels,
     refusal_labels,
     smollm2_labels,
@@ -377,8 +378,7 @@ class ProbeJudge(Judge):
         if helpful_labels:
             f = feats([(e.behavior, e.generation) for e in helpful_labels], "judge: borderline helpfulness labels")
             judged = [c == "complied" for c in self.categorize(f, _predict(probe, f.states))]
-            helpful = {"what": f"{len(helpful_labels)} hand labels of answers to borderline benign prompts (carried "
-                               "out or not), never fitted on; measures eval/helpful_benign, not ASR",
+            helpful = {"what": helpfulness_what(len(helpful_labels)),
                        **error_rates(judged, [e.complied for e in helpful_labels])}
         sizes = ", ".join(f"{len(rows)} {name}" for name, rows in fitted_sets.items())
         held_rates = error_rates(held_pred, held_y)
