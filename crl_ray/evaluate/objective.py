@@ -49,7 +49,8 @@ FORMULA = "capability - asr_weight*ASR - over_refusal_weight*over_refusal - dege
 # Optimisation direction of each entry of the vector objective.
 DIRECTIONS: dict[str, str] = {"asr": "min", "capability": "max"}
 
-# Each constraint's name (the Optuna constraint key) -> the metrics it reads.
+# Each constraint's name (the Optuna constraint key) -> the metrics it reads; with two, the measurement is the first
+# minus the second (an increase over, or a drop from, the base model's figure).
 CONSTRAINT_METRICS: dict[str, tuple[str, ...]] = {
     "over_refusal": ("eval/over_refusal",),
     "benign_degeneracy": ("eval/degeneracy",),
@@ -103,13 +104,9 @@ def _limits(cfg: ObjectiveConfig) -> dict[str, float | None]:
 
 
 def _measured(name: str, metrics: Mapping[str, float]) -> float:
-    if name == "mmlu_drop":
-        return float(metrics["eval/mmlu_base"]) - float(metrics["eval/mmlu"])
-    if name == "helpfulness_drop":
-        return float(metrics["eval/helpful_benign_base"]) - float(metrics["eval/helpful_benign"])
-    if name == "degeneracy_increase":
-        return float(metrics["eval/degeneracy"]) - float(metrics["eval/degeneracy_base"])
-    return float(metrics[CONSTRAINT_METRICS[name][0]])
+    """The constraint's metric; for two metrics the first minus the second (see :data:`CONSTRAINT_METRICS`)."""
+    first, *rest = (float(metrics[key]) for key in CONSTRAINT_METRICS[name])
+    return first - rest[0] if rest else first
 
 
 def constraint_values(metrics: Mapping[str, float], cfg: ObjectiveConfig) -> dict[str, float]:
