@@ -193,10 +193,10 @@ def test_degeneracy_on_attacks_is_reported_not_penalised() -> None:
 def test_constraints_section_rejects_bad_limits() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config({"name": "x", "data": {}, "objective": {"constraints": {
-            "max_over_refusal": 1.5, "max_kl_benign": -1, "max_overrefusal": 0.1}}})
+            "max_over_refusal": 1.5, "max_kl_benign": -1, "max_overrefusal": 0.1, "max_helpfulness_drop": 2}}})
     paths = {p.path for p in err.value.problems}
     assert {"objective.constraints.max_over_refusal", "objective.constraints.max_kl_benign",
-            "objective.constraints.max_overrefusal"} <= paths
+            "objective.constraints.max_overrefusal", "objective.constraints.max_helpfulness_drop"} <= paths
 
 
 # ------------------------------------------------------------------------------ the sweep's summary
