@@ -203,6 +203,13 @@ def test_a_real_cluster_keeps_live_groups_and_frees_an_orphan(monkeypatch) -> No
         assert records[by_driver.id.hex()].creator_actor is None and records[detached.id.hex()].detached
         assert all(records[i].state == "CREATED" for i in (by_actor, by_driver.id.hex(), detached.id.hex()))
         assert cluster.remove_orphaned_placement_groups() == []
+        table = placement_group_table()
+        assert all(table[i]["state"] == "CREATED" for i in (by_actor, by_driver.id.hex(), detached.id.hex()))
+        # the resource view lags GCS by a sync round (CI stop 22 read CPU 1.0 here), so wait for it to settle
+        deadline = time.monotonic() + 30
+        while ray.available_resources().get("CPU", 0) > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # a group removed by mistake would free its CPU within this
         assert ray.available_resources().get("CPU", 0) == 0
 
         # the leak: GCS still lists the group while its creator is dead (the race seen in CI, stop 17)
