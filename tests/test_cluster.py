@@ -172,6 +172,12 @@ def test_only_groups_whose_creator_is_dead_are_orphans() -> None:
     assert found == ["leaked", "pending-leak", "evicted-actor", "driver-dead", "driver-flagged"]
 
 
+def _until(condition, deadline: float) -> None:
+    """Poll ``condition`` every 0.2 s until it holds or the monotonic ``deadline`` passes; the caller asserts."""
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def test_a_real_cluster_keeps_live_groups_and_frees_an_orphan(monkeypatch) -> None:
     """On a real local Ray: GCS's table is read (creators, states, detached flag); nothing live is removed; a group
     whose creator is reported dead is removed for real and its CPUs are free again."""
@@ -201,16 +207,19 @@ def test_a_real_cluster_keeps_live_groups_and_frees_an_orphan(monkeypatch) -> No
         actor_id = creator._actor_id.hex()
         assert records[by_actor].creator_actor == actor_id and actors[actor_id] == "ALIVE"
         assert records[by_driver.id.hex()].creator_actor is None and records[detached.id.hex()].detached
-        assert all(records[i].state == "CREATED" for i in (by_actor, by_driver.id.hex(), detached.id.hex()))
+        ids = (by_actor, by_driver.id.hex(), detached.id.hex())
+        assert all(records[i].state == "CREATED" for i in ids)
         assert cluster.remove_orphaned_placement_groups() == []
         table = placement_group_table()
-        assert all(table[i]["state"] == "CREATED" for i in (by_actor, by_driver.id.hex(), detached.id.hex()))
+        assert all(table[i]["state"] == "CREATED" for i in ids)
+
+        def free_cpus() -> float:
+            return ray.available_resources().get("CPU", 0)
+
         # the resource view lags GCS by a sync round (CI stop 22 read CPU 1.0 here), so wait for it to settle
-        deadline = time.monotonic() + 30
-        while ray.available_resources().get("CPU", 0) > 0 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _until(lambda: free_cpus() == 0, time.monotonic() + 30)
         time.sleep(1.0)  # a group removed by mistake would free its CPU within this
-        assert ray.available_resources().get("CPU", 0) == 0
+        assert free_cpus() == 0
 
         # the leak: GCS still lists the group while its creator is dead (the race seen in CI, stop 17)
         monkeypatch.setattr(cluster, "placement_group_records",
@@ -218,12 +227,10 @@ def test_a_real_cluster_keeps_live_groups_and_frees_an_orphan(monkeypatch) -> No
         removed = cluster.remove_orphaned_placement_groups()
         assert len(removed) == 1 and removed[0].startswith(by_actor)
         assert placement_group_table(by_driver)["state"] == "CREATED"
-        deadline = time.monotonic() + 30
-        while placement_group_table()[by_actor]["state"] != "REMOVED" and time.monotonic() < deadline:
-            time.sleep(0.2)
+        deadline = time.monotonic() + 30  # for both waits together
+        _until(lambda: placement_group_table()[by_actor]["state"] == "REMOVED", deadline)
         assert placement_group_table()[by_actor]["state"] == "REMOVED"
-        while ray.available_resources().get("CPU", 0) < 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert ray.available_resources().get("CPU", 0) == 1
+        _until(lambda: free_cpus() >= 1, deadline)
+        assert free_cpus() == 1
     finally:
         ray.shutdown()
