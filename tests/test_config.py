@@ -162,6 +162,7 @@ MUTATIONS = [
     ("ignored scheduler field", _set("scheduler.grace_period", 3), "scheduler.grace_period"),
     ("nsga2 with scalar", _set("search.algorithm", "nsga2"), "search.algorithm"),
     ("unknown attack", _set("eval.attacks", ["direct", "pair"]), "eval.attacks[1]"),
+    ("empty judge question", _set("eval.judge_question", ""), "eval.judge_question"),
     ("mining block too deep", lambda d: d.update(mining={"enabled": True, "block_high": 40}), "mining.block_high"),
     ("soft-prompt mining on request positions",
      lambda d: (d.update(mining={"enabled": True, "kind": "embedding"}), d["loss"].update(harmful_mask="request_all")),
@@ -359,3 +360,16 @@ def test_a_bare_yaml_off_means_off() -> None:
     assert yaml.safe_load("activation_checkpointing: off") == {"activation_checkpointing": False}
     with pytest.raises(ConfigError, match="activation_checkpointing"):
         load_config(SMOKE, ["train.activation_checkpointing=true"])
+
+
+def test_judge_question_reaches_the_probe_judge() -> None:
+    """eval.judge_question (default FOLLOW_UP_QUESTION, null = none, any text) is the probe's follow-up question."""
+    from crl_ray.config import FOLLOW_UP_QUESTION
+    from crl_ray.evaluate.run import make_judge
+
+    for overrides, want in (([], FOLLOW_UP_QUESTION), (["eval.judge_question=null"], None),
+                            (["eval.judge_question=Was that answer useful?"], "Was that answer useful?")):
+        cfg, _ = load_config(SMOKE, overrides)
+        assert cfg.eval.judge_question == want
+        judge = make_judge(cfg, None, device="cpu")
+        assert judge.question == want and judge.describe()["question"] == want

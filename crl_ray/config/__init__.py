@@ -20,6 +20,7 @@ from crl_ray.config.reference import (
 )
 from crl_ray.config.schema import (
     EMBEDDED_DEFAULT_MODEL,
+    FOLLOW_UP_QUESTION,
     PAPER_EMBEDDING_RUNS,
     AttackName,
     CategoricalParam,
@@ -76,6 +77,7 @@ __all__ = [
     "DataSource",
     "Distance",
     "EMBEDDED_DEFAULT_MODEL",
+    "FOLLOW_UP_QUESTION",
     "EmbeddingAttackConfig",
     "EmbeddingRunConfig",
     "EvalConfig",

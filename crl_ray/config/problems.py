@@ -80,6 +80,7 @@ _FIXES = {
     "tuple_type": "write a list of two values, e.g. [1, 5]",
     "too_short": "add entries",
     "too_long": "remove entries",
+    "string_too_short": "write a longer value (or null where the key allows none)",
     "union_tag_invalid": "set type to one of float, int, categorical, layer_window",
     "union_tag_not_found": "add type: float | int | categorical | layer_window",
 }

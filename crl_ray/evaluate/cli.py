@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from crl_ray.config import (
     EMBEDDED_DEFAULT_MODEL,
+    FOLLOW_UP_QUESTION,
     AttackName,
     EvalConfig,
     JudgeName,
@@ -256,8 +257,20 @@ def build_check_parser() -> argparse.ArgumentParser:
     parser.add_argument("--answer-tokens", type=_positive, default=128,
                         help="probe: answers are judged (and measured) cut to this many tokens; use the "
                         "evaluation's eval.max_new_tokens (default 128)")
+    question = parser.add_mutually_exclusive_group()
+    question.add_argument("--question", default=FOLLOW_UP_QUESTION, type=_nonempty,
+                          help="probe: the follow-up question asked of the judge LM after each answer (default: "
+                          "eval.judge_question's default); use the evaluation's eval.judge_question")
+    question.add_argument("--no-question", dest="question", action="store_const", const=None,
+                          help="probe: no follow-up question (eval.judge_question: null)")
     parser.add_argument("--out", type=Path, help="also write the report to this JSON file")
     return parser
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (use --no-question for none)")
+    return text
 
 
 def _positive(text: str) -> int:
@@ -283,7 +296,7 @@ def _judge_check_main(argv: Sequence[str]) -> int:
                           device=device)
     elif args.judge == "probe":
         judge = get_judge("probe", model_name=args.judge_model, batch_size=args.batch_size, device=device,
-                          max_answer_tokens=args.answer_tokens, progress=True)
+                          max_answer_tokens=args.answer_tokens, question=args.question, progress=True)
     elif args.judge_model:
         raise UserError("--judge-model: the keyword judge uses no model\n"
                         "    fix: remove --judge-model, or add --judge probe or --judge classifier")

@@ -388,7 +388,7 @@ def make_judge(cfg: SweepConfig | EvalSettings, model: Any, *, progress: bool = 
                          device=device, progress=progress)
     if ev.judge == "probe":  # calibrated on answers as long as the ones it will judge
         return get_judge("probe", model_name=ev.judge_model, batch_size=ev.batch_size, device=device,
-                         max_answer_tokens=ev.max_new_tokens, progress=progress)
+                         max_answer_tokens=ev.max_new_tokens, question=ev.judge_question, progress=progress)
     return get_judge(ev.judge)
 
 

@@ -463,7 +463,8 @@ def prepare_judge(cfg: SweepConfig) -> None:
     from crl_ray.evaluate.registry import get_judge
 
     judge = get_judge("probe", model_name=cfg.eval.judge_model, batch_size=cfg.eval.batch_size,
-                      max_answer_tokens=cfg.eval.max_new_tokens, progress=sys.stderr.isatty())
+                      max_answer_tokens=cfg.eval.max_new_tokens, question=cfg.eval.judge_question,
+                      progress=sys.stderr.isatty())
     log.info("probe judge: fitting it on human labels if it is not cached yet (a few minutes, once)")
     summary = check_summary(judge.calibration())
     log.info("probe judge ready: accuracy %.3f [%.3f, %.3f], ASR bias %+.3f on %d human labels",
