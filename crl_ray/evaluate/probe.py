@@ -23,9 +23,9 @@ state at its last token and at the request's last token (requests cut to ``max_r
 ``max_answer_tokens``), and the state at the end of a follow-up user turn that asks the judge LM whether its reply
 did what was asked (``question``, :data:`FOLLOW_UP_QUESTION`; None leaves it out). The turn is appended after the
 answer in the same pass, so it changes no other feature and no NLL; the probe reads the LM's state where it would
-answer, not its Yes/No token (a linear read of that token's logits gained nothing). Measured with 10-fold CV
-(docs/LOG.md, 2026-12-03): SmolLM2's own answers 0.873 -> 0.897 and the never-fitted borderline helpfulness labels
-0.887 -> 0.963, pyrit's capable-model answers 0.904 -> 0.889. The probe (standardised features, L2-regularised logistic regression, C = ``c``) is fitted
+answer, not its Yes/No token (a linear read of that token's logits gained nothing). Measured (docs/LOG.md,
+2026-12-03; 10-fold CV, means of 3 fold seeds): SmolLM2's own answers 0.873 -> 0.897, pyrit's answers of capable chat
+models 0.904 -> 0.889; the never-fitted borderline helpfulness labels 0.8875 -> 0.9625. The probe (standardised features, L2-regularised logistic regression, C = ``c``) is fitted
 on the human "objective achieved" labels (pyrit 1.1.0's scorer evaluation set, 395 rows, answers of capable chat
 models) together with the project's own hand labels of the embedded SmolLM2's answers (429 rows, base and defended
 models, :func:`~crl_ray.evaluate.judges.smollm2_labels`): fitted on pyrit's labels alone, the judge took 58 % of
