@@ -363,13 +363,15 @@ def test_a_bare_yaml_off_means_off() -> None:
 
 
 def test_judge_question_reaches_the_probe_judge() -> None:
-    """eval.judge_question (default FOLLOW_UP_QUESTION, null = none, any text) is the probe's follow-up question."""
+    """eval.judge_question (default null = none; FOLLOW_UP_QUESTION or any text) is the probe's follow-up question;
+    unset, the judge's settings (and so its cache key and summary) are v5's, with no question key."""
     from crl_ray.config import FOLLOW_UP_QUESTION
     from crl_ray.evaluate.run import make_judge
 
-    for overrides, want in (([], FOLLOW_UP_QUESTION), (["eval.judge_question=null"], None),
+    for overrides, want in (([], None), ([f"eval.judge_question={FOLLOW_UP_QUESTION}"], FOLLOW_UP_QUESTION),
                             (["eval.judge_question=Was that answer useful?"], "Was that answer useful?")):
         cfg, _ = load_config(SMOKE, overrides)
         assert cfg.eval.judge_question == want
         judge = make_judge(cfg, None, device="cpu")
-        assert judge.question == want and judge.describe()["question"] == want
+        assert judge.question == want and judge.describe().get("question") == want
+        assert ("question" in judge.settings()) == (want is not None)

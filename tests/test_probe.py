@@ -134,7 +134,7 @@ def tiny_judge(tok):
 def test_features_shapes_and_empty_answers(tiny_judge, tok):
     f = tiny_judge.features([BEHAVIOR] * 3, [COMPLY, "", "lock " * 30])
     width = tiny_judge._model.config.hidden_size
-    assert f.states.shape == (3, 4 * width)  # answer mean, answer end, request end, end of the follow-up question
+    assert f.states.shape == (3, 3 * width)  # answer mean, answer end, request end (no follow-up question)
     assert np.isfinite(f.nll[0]) and np.isfinite(f.nll_empty[0]) and math.isinf(f.nll[1])
     assert f.words.tolist() == [len(COMPLY.replace(",", "").replace(":", "").replace(".", "").split()), 0, 30]
     assert f.repetition[2] > 0.5
@@ -152,16 +152,18 @@ def test_follow_up_question_adds_its_state_and_changes_nothing_else(tiny_judge, 
     ids = _follow_up(tok, FOLLOW_UP_QUESTION)
     text = tok.decode(ids)
     assert FOLLOW_UP_QUESTION in text and text.endswith("<|im_start|>assistant\n") and text.startswith("<|im_end|>")
-    plain = ProbeJudge(model=tiny_judge._model, tokenizer=tok, question=None, max_nll=100.0, off_topic_pmi=-100.0)
+    asked = ProbeJudge(model=tiny_judge._model, tokenizer=tok, question=FOLLOW_UP_QUESTION, max_nll=100.0,
+                       off_topic_pmi=-100.0)
     answers = [COMPLY, "I'm sorry, I cannot help with that."]
-    f, g = tiny_judge.features([BEHAVIOR] * 2, answers), plain.features([BEHAVIOR] * 2, answers)
+    f, g = asked.features([BEHAVIOR] * 2, answers), tiny_judge.features([BEHAVIOR] * 2, answers)
     width = tiny_judge._model.config.hidden_size
     assert g.states.shape == (2, 3 * width)
     np.testing.assert_allclose(f.states[:, :3 * width], g.states, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(f.nll, g.nll, rtol=1e-5)
     np.testing.assert_allclose(f.nll_empty, g.nll_empty, rtol=1e-5)
     assert not np.allclose(f.states[:, 3 * width:], f.states[:, width:2 * width])  # not the answer's end again
-    assert plain.settings()["question"] is None and tiny_judge.settings()["question"] == FOLLOW_UP_QUESTION
+    assert f.states.shape == (2, 4 * width)
+    assert "question" not in tiny_judge.settings() and asked.settings()["question"] == FOLLOW_UP_QUESTION
 
 
 def test_fit_calibration_and_verdicts(tiny_judge):

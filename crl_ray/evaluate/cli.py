@@ -258,18 +258,18 @@ def build_check_parser() -> argparse.ArgumentParser:
                         help="probe: answers are judged (and measured) cut to this many tokens; use the "
                         "evaluation's eval.max_new_tokens (default 128)")
     question = parser.add_mutually_exclusive_group()
-    question.add_argument("--question", default=FOLLOW_UP_QUESTION, type=_nonempty,
-                          help="probe: the follow-up question asked of the judge LM after each answer (default: "
-                          "eval.judge_question's default); use the evaluation's eval.judge_question")
-    question.add_argument("--no-question", dest="question", action="store_const", const=None,
-                          help="probe: no follow-up question (eval.judge_question: null)")
+    question.add_argument("--question", type=_nonempty,
+                          help="probe: a follow-up question asked of the judge LM after each answer; use the "
+                          "evaluation's eval.judge_question (default none)")
+    question.add_argument("--follow-up", dest="question", action="store_const", const=FOLLOW_UP_QUESTION,
+                          help=f"probe: the measured follow-up question, {FOLLOW_UP_QUESTION!r}")
     parser.add_argument("--out", type=Path, help="also write the report to this JSON file")
     return parser
 
 
 def _nonempty(text: str) -> str:
     if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty (use --no-question for none)")
+        raise argparse.ArgumentTypeError("must not be empty (leave --question out for none)")
     return text
 
 
