@@ -365,6 +365,8 @@ def test_default_output_folders_never_overwrite(tmp_path):
 def test_judge_check_errors_name_the_flag(tmp_path, capsys):
     code, _, err = run_cli(["judge-check", "--judge", "classifier", "--judge-model", str(tmp_path)], capsys)
     assert code == 2 and "--judge-model: cannot load" in err and "eval.judge_model" not in err
+    code, _, err = run_cli(["judge-check", "--judge", "keyword", "--follow-up"], capsys)
+    assert code == 2 and "--question/--follow-up" in err and "fix:" in err and "Traceback" not in err
 
 
 def test_harmbench_without_the_standard_filter_is_warned_about(caplog) -> None:

@@ -147,9 +147,10 @@ def test_features_shapes_and_empty_answers(tiny_judge, tok):
 def test_follow_up_question_adds_its_state_and_changes_nothing_else(tiny_judge, tok):
     """The follow-up turn comes after the answer, so (causal attention) the answer's and request's states and the
     NLLs are those of the judge without it; its last state is a fourth block of features."""
-    from crl_ray.evaluate.probe import FOLLOW_UP_QUESTION, _follow_up
+    from crl_ray.data.encoding import build_follow_up
+    from crl_ray.evaluate.probe import FOLLOW_UP_QUESTION
 
-    ids = _follow_up(tok, FOLLOW_UP_QUESTION)
+    ids = build_follow_up(tok, FOLLOW_UP_QUESTION)
     text = tok.decode(ids)
     assert FOLLOW_UP_QUESTION in text and text.endswith("<|im_start|>assistant\n") and text.startswith("<|im_end|>")
     asked = ProbeJudge(model=tiny_judge._model, tokenizer=tok, question=FOLLOW_UP_QUESTION, max_nll=100.0,

@@ -24,6 +24,7 @@ from crl_ray.config import MaskMode
 __all__ = [
     "ENCODED_COLUMNS",
     "MASK_MODES",
+    "build_follow_up",
     "build_request",
     "collate",
     "encode_dataset",
@@ -61,15 +62,32 @@ def _messages(prompt: str, system: str | None) -> list[dict[str, str]]:
     return messages
 
 
-def build_request(tokenizer: Any, prompt: str, system: str | None = None) -> list[int]:
-    """Token ids of the chat-templated request ``[system?, user]`` ending with the assistant header."""
+def _require_template(tokenizer: Any) -> None:
     if tokenizer.chat_template is None:
         raise ValueError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
             "use an instruct/chat model or set tokenizer.chat_template"
         )
+
+
+def build_request(tokenizer: Any, prompt: str, system: str | None = None) -> list[int]:
+    """Token ids of the chat-templated request ``[system?, user]`` ending with the assistant header."""
+    _require_template(tokenizer)
     out = tokenizer.apply_chat_template(_messages(prompt, system), add_generation_prompt=True, tokenize=True)
     return _as_ids(out)
+
+
+def build_follow_up(tokenizer: Any, question: str) -> list[int]:
+    """Token ids that close an assistant answer and ask ``question`` as the next user turn, ending with the assistant
+    header: what the chat template puts between an answer's text and the next answer (appended to request + answer
+    ids)."""
+    _require_template(tokenizer)
+    text = tokenizer.apply_chat_template(
+        [*_messages("hi", None), {"role": "assistant", "content": _SENTINEL}, {"role": "user", "content": question}],
+        add_generation_prompt=True, tokenize=False)
+    if _SENTINEL not in text:
+        raise ValueError("the chat template drops the assistant turn, so no follow-up question can follow an answer")
+    return _as_ids(tokenizer(text.split(_SENTINEL, 1)[1], add_special_tokens=False)["input_ids"])
 
 
 def pad_id(tokenizer: Any) -> int:

@@ -288,6 +288,9 @@ def _judge_check_main(argv: Sequence[str]) -> int:
 
     args = build_check_parser().parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.question is not None and args.judge != "probe":
+        raise UserError(f"--question/--follow-up: the {args.judge} judge asks no follow-up question\n"
+                        "    fix: remove the flag, or add --judge probe")
     if args.judge == "classifier":
         if not args.judge_model:
             raise UserError("--judge-model: the classifier judge needs a model\n"

@@ -26,7 +26,8 @@ appended after the answer in the same pass, so it changes no other feature and n
 state where it would answer, not its Yes/No token (a linear read of that token's logits gained nothing). Measured
 (docs/LOG.md, 2026-12-03; 10-fold CV, means of 3 fold seeds): SmolLM2's own answers 0.873 -> 0.897 and the
 never-fitted borderline helpfulness labels 0.8875 -> 0.9625, but pyrit's answers of capable chat models
-0.904 -> 0.889, below the 0.90 the judge must reach there: so it is off by default. The probe (standardised features, L2-regularised logistic regression, C = ``c``) is fitted
+0.904 -> 0.889, below the 0.90 the judge must reach there: so it is off by default. The probe (standardised
+features, L2-regularised logistic regression, C = ``c``) is fitted
 on the human "objective achieved" labels (pyrit 1.1.0's scorer evaluation set, 395 rows, answers of capable chat
 models) together with the project's own hand labels of the embedded SmolLM2's answers (429 rows, base and defended
 models, :func:`~crl_ray.evaluate.judges.smollm2_labels`): fitted on pyrit's labels alone, the judge took 58 % of
@@ -188,7 +189,7 @@ class ProbeJudge(Judge):
     @torch.inference_mode()
     def features(self, behaviors: Sequence[str], generations: Sequence[str], *, desc: str = "judge") -> AnswerFeatures:
         """Probe features and scalars for each (request, answer) pair (answers cut to ``max_answer_tokens``)."""
-        from crl_ray.data.encoding import build_request
+        from crl_ray.data.encoding import build_follow_up, build_request
         from crl_ray.evaluate.capability import degeneracy_score, repeated_fraction, right_padded
 
         if len(behaviors) != len(generations):
@@ -200,7 +201,7 @@ class ProbeJudge(Judge):
         requests = [build_request(tokenizer, self._cut(tokenizer, b, self.max_request_tokens)) for b in behaviors]
         answers = [tokenizer(g, add_special_tokens=False)["input_ids"][: self.max_answer_tokens] for g in generations]
         n, width = len(answers), int(model.config.hidden_size)
-        follow_up = _follow_up(tokenizer, self.question) if self.question else []
+        follow_up = build_follow_up(tokenizer, self.question) if self.question else []
         states = np.zeros((n, (4 if follow_up else 3) * width), dtype=np.float32)
         nll = np.full(n, math.inf)
         nll_empty = np.full(n, math.inf)
@@ -427,18 +428,6 @@ class ProbeJudge(Judge):
 
 
 # --------------------------------------------------------------------------------------------- probe maths
-def _follow_up(tokenizer: Any, question: str) -> list[int]:
-    """Token ids that close the assistant's answer and ask ``question`` as the next user turn, ending with the
-    assistant header: whatever the judge LM's chat template puts between an answer's text and the next answer."""
-    mark = "\u2063ANSWER\u2063"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "?"}, {"role": "assistant", "content": mark},
-         {"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
-    if mark not in text:
-        raise ValueError("the judge LM's chat template drops the assistant turn; set question=None")
-    return list(tokenizer(text.split(mark, 1)[1], add_special_tokens=False)["input_ids"])
-
-
 def _fit_probe(x: np.ndarray, y: np.ndarray, c: float) -> dict[str, Any]:
     """Standardise, then L2 logistic regression (scikit-learn, lbfgs); returned as plain lists (JSON-cacheable)."""
     from sklearn.linear_model import LogisticRegression
