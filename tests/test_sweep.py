@@ -420,3 +420,22 @@ def test_overhead_benchmark_runs_the_same_trials_both_ways(tmp_path, capsys, mon
     rows = json.loads((tmp_path / "work" / "sweep" / "smoke" / "summary" / "results.json").read_text())
     assert [t["params"] for t in result["plain_trials"]] == [r["params"] for r in rows]
     assert [t["objective"] for t in result["plain_trials"]] == [-2.0, -3.0]  # FakeJob numbers trials 2 and 3
+
+
+def test_the_sweep_fits_the_judge_its_trials_load(monkeypatch, tmp_path) -> None:
+    """prepare_judge fits (and caches) the probe with the trials' own settings, follow-up question included, so the
+    trials find it in the cache."""
+    from crl_ray.evaluate import judges
+    from crl_ray.evaluate.probe import ProbeJudge
+    from crl_ray.evaluate.run import make_judge
+
+    fitted = []
+    monkeypatch.setattr(ProbeJudge, "calibration", lambda self: fitted.append(self._cache_file()) or {})
+    monkeypatch.setattr(judges, "check_summary", lambda calibration: {
+        "judge/accuracy": 0.9, "judge/accuracy_low": 0.8, "judge/accuracy_high": 1.0, "judge/rate_bias": 0.0,
+        "judge/labels": 1})
+    for overrides in ([], ["eval.judge_question=Was that answer useful?", "eval.max_new_tokens=64"]):
+        cfg, _ = load_config(SMOKE, overrides)
+        sweep.prepare_judge(cfg)
+        assert fitted[-1] == make_judge(cfg, None, device="cpu")._cache_file()
+    assert fitted[0] != fitted[1]

@@ -460,11 +460,10 @@ def prepare_judge(cfg: SweepConfig) -> None:
     if cfg.eval.judge != "probe":
         return
     from crl_ray.evaluate.judges import check_summary
-    from crl_ray.evaluate.registry import get_judge
+    from crl_ray.evaluate.run import make_judge
 
-    judge = get_judge("probe", model_name=cfg.eval.judge_model, batch_size=cfg.eval.batch_size,
-                      max_answer_tokens=cfg.eval.max_new_tokens, question=cfg.eval.judge_question,
-                      progress=sys.stderr.isatty())
+    # the trials' own judge (make_judge), so the probe fitted here is the one they load from the cache
+    judge = make_judge(cfg, None, progress=sys.stderr.isatty(), device="cpu")
     log.info("probe judge: fitting it on human labels if it is not cached yet (a few minutes, once)")
     summary = check_summary(judge.calibration())
     log.info("probe judge ready: accuracy %.3f [%.3f, %.3f], ASR bias %+.3f on %d human labels",
