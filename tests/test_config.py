@@ -163,6 +163,7 @@ MUTATIONS = [
     ("nsga2 with scalar", _set("search.algorithm", "nsga2"), "search.algorithm"),
     ("unknown attack", _set("eval.attacks", ["direct", "pair"]), "eval.attacks[1]"),
     ("empty judge question", _set("eval.judge_question", ""), "eval.judge_question"),
+    ("blank judge question", _set("eval.judge_question", "  \n"), "eval.judge_question"),
     ("mining block too deep", lambda d: d.update(mining={"enabled": True, "block_high": 40}), "mining.block_high"),
     ("soft-prompt mining on request positions",
      lambda d: (d.update(mining={"enabled": True, "kind": "embedding"}), d["loss"].update(harmful_mask="request_all")),

@@ -478,7 +478,7 @@ class EvalConfig(Section):
         "the frozen judge LM (default: the embedded SmolLM2-135M-Instruct, whatever model is evaluated).",
     )
     judge_question: str | None = Field(
-        None, min_length=1, description="judge: probe: a follow-up user turn asked of the judge LM after each answer; "
+        None, description="judge: probe: a follow-up user turn asked of the judge LM after each answer; "
         "its state there joins the probe's features (crl_ray/evaluate/probe.py). Measured with "
         f"{FOLLOW_UP_QUESTION!r}: more accurate on the embedded SmolLM2's answers (0.900 vs 0.870, cross-validated) "
         "and on borderline helpfulness (0.963 vs 0.888), less on pyrit's answers of capable chat models (0.885 vs "
@@ -516,6 +516,13 @@ class EvalConfig(Section):
         True, description="Measure the judge on human labels (probe: its cross-validated and held-out figures, "
         "computed once with the fit) and write them next to every ASR in summary.json and MLflow."
     )
+
+    @field_validator("judge_question")
+    @classmethod
+    def _question_text(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():  # as judge-check --question
+            raise ValueError("the follow-up question has no text; leave eval.judge_question out (null) for none")
+        return value
 
 
 class ObjectiveConstraints(Section):
