@@ -157,7 +157,8 @@ def test_fetch_extracts_members_and_writes_manifest(fake):
 def test_model_asset_keeps_only_build_outputs(fake):
     path = asset_path("fake-model")
     assert path.name == "fakepkg-1.0-conv-v1"
-    assert sorted(p.name for p in path.iterdir()) == sorted([MANIFEST_NAME, "model.bin", "config.json"])
+    assert sorted(p.name for p in path.iterdir()) == sorted([MANIFEST_NAME, assets.VERIFIED_NAME, "model.bin",
+                                                             "config.json"])
     assert (path / "model.bin").read_bytes() == FAKE_FILES["fakepkg/weights.bin"][::-1]
     assert is_embedded_model("embedded:fake-model") and not is_embedded_model("embedded:fake-data")
     assert resolve_model("embedded:fake-model") == str(path)
@@ -185,6 +186,21 @@ def test_flipped_byte_same_size_is_refetched(fake, caplog):
     assert "wrong sha256" in caplog.text
     assert target.read_bytes() == FAKE_FILES["fakepkg/weights.bin"][::-1]
     assert len(fake.downloads) == 2
+
+
+def test_verified_files_are_hashed_again_only_when_their_stat_changes(fake, monkeypatch):
+    path = asset_path("fake-model")
+    hashed = []
+    real = assets._sha256
+    monkeypatch.setattr(assets, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    assert asset_path("fake-model") == path and hashed == [], "unchanged since the fetch hashed them"
+    config = path / "config.json"
+    config.write_bytes(config.read_bytes())  # same bytes, new mtime: hashed again, then recorded
+    assert asset_path("fake-model") == path and hashed == ["config.json"]
+    assert asset_path("fake-model") == path and hashed == ["config.json"]
+    assets.fetch(["fake-model"])  # an explicit fetch hashes everything
+    assert sorted(hashed) == ["config.json", "config.json", "model.bin"]
+    assert len(fake.downloads) == 1
 
 
 def test_missing_manifest_counts_as_partial_and_is_refetched(fake):

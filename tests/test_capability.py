@@ -54,9 +54,10 @@ class LetterStub(torch.nn.Module):
         self.favourite, self.vocab = favourite, vocab
         self.batches: list[torch.Tensor] = []
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0):
         self.batches.append(input_ids.clone())
-        logits = torch.zeros(*input_ids.shape, self.vocab)
+        positions = input_ids.shape[1] if isinstance(logits_to_keep, int) else len(logits_to_keep)
+        logits = torch.zeros(input_ids.shape[0], positions, self.vocab)
         logits[..., self.favourite] = 5.0
         return SimpleNamespace(logits=logits)
 
@@ -289,3 +290,74 @@ def test_kl_uses_the_peft_base_model(tok):
     moved = benign_drift(peft_model, tok, PROMPTS, max_new_tokens=6, batch_size=2)
     assert moved.kl > 0.01
     assert moved.answers == fresh.answers, "the reference answers come from the base model (adapter disabled)"
+
+
+def peft_tiny(tok, *, dtype=torch.float32):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    peft_model = get_peft_model(tiny_llama(tok).to(dtype), lora)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    return peft_model.eval()
+
+
+def test_merged_adapter_is_the_same_function_and_restores_the_base_weights_exactly(tok):
+    from peft.tuners.lora import LoraLayer
+
+    from crl_ray.evaluate.capability import merged_adapter
+
+    model = peft_tiny(tok)
+    ids = torch.tensor([build_request(tok, p) for p in PROMPTS[:1]])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        separate = model(input_ids=ids).logits
+        with merged_adapter(model) as same:
+            assert same is model and all(m.merged for m in model.modules() if isinstance(m, LoraLayer))
+            merged = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(merged, separate, atol=1e-5, rtol=1e-5)
+    assert not any(m.merged for m in model.modules() if isinstance(m, LoraLayer))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "bit for bit, not W + d - d"
+    assert torch.equal(after, separate)
+    low = peft_tiny(tok, dtype=torch.bfloat16)  # merging would round the update away: left as it is
+    with merged_adapter(low):
+        assert not any(m.merged for m in low.modules() if isinstance(m, LoraLayer))
+    plain = tiny_llama(tok)
+    with merged_adapter(plain) as same:
+        assert same is plain
+
+
+def test_cached_base_states_give_the_same_kl_and_representation_shift(tok):
+    from crl_ray.evaluate.capability import (
+        drift_reference,
+        reference_model,
+        representation_reference,
+        representation_shift,
+    )
+
+    model = peft_tiny(tok)
+    direct = benign_drift(model, tok, PROMPTS, max_new_tokens=6, batch_size=3)
+    assert direct.kl > 0.01
+    with reference_model(model) as base:
+        states = drift_reference(base, tok, PROMPTS, direct.answers, batch_size=2)
+    assert [s.shape[-1] for s in states] == [model.config.hidden_size] * len(PROMPTS)
+    cached = benign_drift(model, tok, PROMPTS, max_new_tokens=6, batch_size=3, base_answers=direct.answers,
+                          reference_states=states)
+    assert cached.kl == pytest.approx(direct.kl, rel=1e-5) and cached.tokens == direct.tokens
+    assert cached.ppl == pytest.approx(direct.ppl, rel=1e-6)
+    assert cached.ppl_reference == pytest.approx(direct.ppl_reference, rel=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        benign_drift(model, tok, PROMPTS[:2], max_new_tokens=6, batch_size=3, base_answers=direct.answers[:2],
+                     reference_states=states[1:3])
+    layers = [1, 2]
+    shift = representation_shift(model, tok, PROMPTS, layers, batch_size=3)
+    assert shift < 0.9999
+    with reference_model(model) as base:
+        reference = representation_reference(base, tok, PROMPTS, layers, batch_size=2)
+    assert representation_shift(model, tok, PROMPTS, layers, batch_size=3,
+                                reference_states=reference) == pytest.approx(shift, rel=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        representation_shift(model, tok, PROMPTS, [1], batch_size=3, reference_states=reference)

@@ -391,9 +391,11 @@ def test_base_figures_are_computed_once_per_model_and_inputs(model_dir, tmp_path
     import crl_ray.data.generate as generate
 
     monkeypatch.setenv("CRL_RAY_CACHE", str(tmp_path / "cache"))
-    calls = {"mmlu": 0, "nll": 0, "generate": 0}
+    calls = {"mmlu": 0, "nll": 0, "generate": 0, "kl_states": 0, "repr_states": 0, "judged": 0}
     for name, module, key in (("mmlu_accuracy", capability, "mmlu"), ("target_nll", capability, "nll"),
-                              ("generate_answers", generate, "generate")):
+                              ("generate_answers", generate, "generate"), ("drift_reference", capability, "kl_states"),
+                              ("representation_reference", capability, "repr_states"),
+                              ("categorize", evaluate, "judged")):
         original = getattr(module, name)
 
         def counted(*args, _original=original, _key=key, **kwargs):
@@ -405,12 +407,17 @@ def test_base_figures_are_computed_once_per_model_and_inputs(model_dir, tmp_path
     first = evaluate_adapter(cfg, lora_adapter(model_dir, tmp_path / "a1"), out_dir=tmp_path / "e1", seed=0)
     after_first = dict(calls)
     assert after_first["mmlu"] == 2 and after_first["nll"] == 2  # the adapted model and the base
+    # the base's states for the KL (1) and the representation shift (harmful and benign prompts: 2); the judge on
+    # the attacks', the model's and the base's benign answers
+    assert (after_first["kl_states"], after_first["repr_states"], after_first["judged"]) == (1, 2, 3)
     second = evaluate_adapter(cfg, lora_adapter(model_dir, tmp_path / "a2"), out_dir=tmp_path / "e2", seed=0)
     assert calls["mmlu"] - after_first["mmlu"] == 1 and calls["nll"] - after_first["nll"] == 1
+    assert (calls["kl_states"], calls["repr_states"], calls["judged"] - after_first["judged"]) == (1, 2, 2)
     # the base answers (over-refusal and KL prompts) come from the generation cache: only the adapted model's
     # answers are generated again
     assert calls["generate"] - after_first["generate"] < after_first["generate"]
-    for key in ("eval/mmlu_base", "eval/target_nll_base", "eval/ppl_benign_base", "eval/degeneracy_base"):
+    for key in ("eval/mmlu_base", "eval/target_nll_base", "eval/ppl_benign_base", "eval/degeneracy_base",
+                "eval/over_refusal_base", "eval/helpful_benign_base"):
         assert second.metrics[key] == pytest.approx(first.metrics[key]), key
     other = standalone_config({"model": {"name": str(model_dir)}, "eval": small(kl_limit=2, mmlu={"subset_size": 3})})
     evaluate_adapter(other, lora_adapter(model_dir, tmp_path / "a3"), out_dir=tmp_path / "e3", seed=0)

@@ -48,6 +48,7 @@ import platformdirs
 from filelock import FileLock
 
 from crl_ray.errors import UserError
+from crl_ray.storage import atomic_write
 
 __all__ = [
     "ASSETS",
@@ -403,20 +404,23 @@ def cache_dir() -> Path:
 def asset_path(name: str, *, verify: bool = True) -> Path:
     """Local folder of asset ``name``, fetched if missing or damaged.
 
-    With ``verify=True`` every file is re-hashed against the manifest; with ``verify=False`` only presence and
-    sizes are checked (cheap ``stat`` calls). Either way a failed check removes the entry and fetches it again.
+    With ``verify=True`` every file is hashed against the manifest, except files whose size, mtime and inode are
+    those recorded when they last hashed right (the entry's ``.verified.json``: a model's weights take ~1 s to hash,
+    and every process that loads the model used to hash them again); with ``verify=False`` only presence and sizes
+    are checked (cheap ``stat`` calls). Either way a failed check removes the entry and fetches it again.
     """
     return _ensure(_spec(name), verify=verify, wheel_dir=None)
 
 
 def fetch(names: list[str] | None = None) -> dict[str, Path]:
-    """Make sure the named assets (all if ``None``) are cached and verified; return name -> local folder.
+    """Make sure the named assets (all if ``None``) are cached and verified (every file hashed); return name ->
+    local folder.
 
     A wheel shared by several assets (pyrit) is downloaded once per call.
     """
     specs = [_spec(n) for n in (list(ASSETS) if names is None else names)]
     with tempfile.TemporaryDirectory(prefix="crl_ray-wheels-") as wheel_dir:
-        return {spec.name: _ensure(spec, verify=True, wheel_dir=Path(wheel_dir)) for spec in specs}
+        return {spec.name: _ensure(spec, verify=True, wheel_dir=Path(wheel_dir), rehash=True) for spec in specs}
 
 
 def is_cached(name: str, *, verify: bool = False) -> bool:
@@ -467,8 +471,25 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _check_entry(spec: AssetSpec, entry: Path, *, verify: bool) -> str | None:
-    """None if ``entry`` is complete and intact, else a short reason."""
+VERIFIED_NAME = ".verified.json"  # {file: [size, mtime_ns, inode]} of files whose hash matched the manifest
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _read_verified(entry: Path) -> dict[str, list[int]]:
+    try:
+        data = json.loads((entry / VERIFIED_NAME).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_entry(spec: AssetSpec, entry: Path, *, verify: bool, rehash: bool = False) -> str | None:
+    """None if ``entry`` is complete and intact, else a short reason. ``verify``: hash the files whose stat
+    differs from ``.verified.json``'s record (all of them with ``rehash``), and record those that match."""
     manifest_path = entry / MANIFEST_NAME
     if not entry.is_dir():
         return "missing"
@@ -484,27 +505,36 @@ def _check_entry(spec: AssetSpec, entry: Path, *, verify: bool) -> str | None:
     for member in spec.members:  # data files must also match their pins, not only the manifest
         if spec.build is None and files.get(member.local_name, {}).get("sha256") != member.sha256:
             return f"manifest entry for {member.local_name} does not match the pinned sha256"
+    verified = {} if rehash or not verify else _read_verified(entry)
+    hashed: dict[str, list[int]] = {}
     for rel, info in files.items():
         path = entry / rel
         try:
-            size = path.stat().st_size
+            key = _stat_key(path)
         except OSError:
             return f"{rel} is missing"
-        if size != info.get("size"):
-            return f"{rel} has size {size}, expected {info.get('size')}"
-        if verify and _sha256(path) != info.get("sha256"):
-            return f"{rel} has the wrong sha256"
+        if key[0] != info.get("size"):
+            return f"{rel} has size {key[0]}, expected {info.get('size')}"
+        if verify and verified.get(rel) != key:
+            if _sha256(path) != info.get("sha256"):
+                return f"{rel} has the wrong sha256"
+            hashed[rel] = key
+    if hashed:
+        try:  # best effort: a read-only cache just hashes again next time
+            atomic_write(entry / VERIFIED_NAME, json.dumps({**verified, **hashed}).encode())
+        except OSError:
+            pass
     return None
 
 
-def _ensure(spec: AssetSpec, *, verify: bool, wheel_dir: Path | None) -> Path:
+def _ensure(spec: AssetSpec, *, verify: bool, wheel_dir: Path | None, rehash: bool = False) -> Path:
     entry = _entry_dir(spec)
-    if _check_entry(spec, entry, verify=verify) is None:
+    if _check_entry(spec, entry, verify=verify, rehash=rehash) is None:
         return entry
     entry.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(entry.parent / f".{spec.version_key}.lock")):
         # Another process may have fetched (or repaired) it while we waited for the lock.
-        problem = _check_entry(spec, entry, verify=verify)
+        problem = _check_entry(spec, entry, verify=verify, rehash=rehash)
         if problem is None:
             return entry
         if problem != "missing":
@@ -513,7 +543,7 @@ def _ensure(spec: AssetSpec, *, verify: bool, wheel_dir: Path | None) -> Path:
         for stale in entry.parent.glob(f".tmp-{spec.version_key}-*"):  # left by crashed fetches; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         _build_entry(spec, entry, wheel_dir)
-        problem = _check_entry(spec, entry, verify=True)
+        problem = _check_entry(spec, entry, verify=True, rehash=True)
         if problem is not None:  # should be impossible: we just wrote and hashed it
             _remove(entry)
             raise AssetError(f"freshly fetched asset {spec.name} failed verification: {problem}")

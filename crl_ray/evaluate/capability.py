@@ -39,14 +39,19 @@ __all__ = [
     "degeneracy",
     "degeneracy_components",
     "degeneracy_score",
+    "drift_reference",
+    "final_states",
+    "head_logits",
     "letter_logprobs",
     "load_mmlu",
     "mmlu_accuracy",
     "mmlu_items",
     "mmlu_text",
+    "merged_adapter",
     "over_refusal",
     "reference_model",
     "repeated_fraction",
+    "representation_reference",
     "representation_shift",
     "right_padded",
     "stratified_indices",
@@ -89,6 +94,46 @@ def _logits(model: Any, seqs: Sequence[Sequence[int]], tokenizer: Any) -> tuple[
     device = model_device(model)
     out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
     return out.logits.float(), lengths.to(device)
+
+
+def _last_logits(model: Any, seqs: Sequence[Sequence[int]], tokenizer: Any) -> torch.Tensor:
+    """[B, V] logits at each sequence's last token. The LM head runs only at those positions (``logits_to_keep``,
+    the positions of the whole batch): at the MMLU prompts' ~100-300 tokens the head over every position and its
+    [B, T, V] output cost ~a fifth of the pass."""
+    input_ids, attention_mask, lengths = right_padded(seqs, tokenizer)
+    device = model_device(model)
+    keep = torch.unique(lengths - 1)  # sorted
+    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                logits_to_keep=keep.to(device))
+    column = torch.searchsorted(keep, lengths - 1)
+    return out.logits[torch.arange(len(seqs)), column.to(out.logits.device)].float()
+
+
+def final_states(model: Any, tokenizer: Any, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], *,
+                 batch_size: int, desc: str = "final states", progress: bool = False) -> list[torch.Tensor]:
+    """The last hidden state (after the final norm: what the LM head reads) of ``seqs[i]`` at positions
+    ``spans[i][0]:spans[i][1]``, one ``[n_i, D]`` tensor per sequence, on the CPU. :func:`head_logits` turns them
+    into those positions' logits; the states are ~1/85 the size of the logits at a 49k vocabulary, so a base
+    model's can be cached."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    device = model_device(model)
+    with torch.inference_mode():
+        for idx in _batches(seqs, batch_size, desc, progress):
+            ids, mask, _ = right_padded([seqs[i] for i in idx], tokenizer)
+            h = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                      logits_to_keep=1).hidden_states[-1]
+            for row, i in enumerate(idx):
+                a, b = spans[i]
+                out[i] = h[row, a:b].detach().cpu().clone()
+    return out
+
+
+def head_logits(model: Any, states: torch.Tensor) -> torch.Tensor:
+    """Float32 logits of the model's LM head on final hidden states (with the final logit soft-capping that some
+    models, e.g. Gemma 2, apply in their forward)."""
+    logits = model.get_output_embeddings()(states.to(model_device(model))).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 # --------------------------------------------------------------------------------------------- MMLU
@@ -175,8 +220,7 @@ def letter_logprobs(model: Any, tokenizer: Any, contexts: Sequence[Sequence[int]
     out = torch.empty(len(contexts), len(continuations))
     if all(len(c) == 1 for c in continuations) and len(set(flat)) == len(flat):
         for idx in _batches(contexts, batch_size, "mmlu", progress):
-            logits, lengths = _logits(model, [contexts[i] for i in idx], tokenizer)
-            last = logits[torch.arange(len(idx)), lengths - 1].log_softmax(-1)
+            last = _last_logits(model, [contexts[i] for i in idx], tokenizer).log_softmax(-1)
             out[idx] = last[:, flat].cpu()
         return out
     pairs = [(i, k) for i in range(len(contexts)) for k in range(len(continuations))]
@@ -367,13 +411,16 @@ def reference_model(model: Any) -> Iterator[Any]:
 @torch.inference_mode()
 def benign_drift(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
                  reference: Any = None, progress: bool = False,
-                 base_answers: Sequence[str] | None = None) -> DriftResult:
+                 base_answers: Sequence[str] | None = None,
+                 reference_states: Sequence[torch.Tensor] | None = None) -> DriftResult:
     """How far ``model`` moved from the base model on benign text.
 
     The base model (``reference``, default :func:`reference_model`) answers each prompt greedily (or
     ``base_answers`` are those answers, e.g. from the generation cache); on those answer tokens (end-of-turn
     included) this computes the token-mean KL(p_base || p_model) and the perplexity exp(mean NLL) of both models.
-    KL is 0 for the base model itself; higher = more drift.
+    KL is 0 for the base model itself; higher = more drift. ``reference_states``: the base model's
+    :func:`drift_reference` on these prompts and answers (e.g. cached: the same for every trial of a sweep); its
+    logits are then its LM head on them instead of a forward pass.
     """
     from crl_ray.data.generate import generate_answers
 
@@ -390,9 +437,10 @@ def benign_drift(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_
         gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=0.0)
         with base() as ref:
             answers = generate_answers(prompts, model=ref, tokenizer=tokenizer, cfg=gen, desc="base answers")
-    eot = end_of_turn_id(tokenizer)
-    requests = [build_request(tokenizer, p) for p in prompts]
-    seqs = [r + tokenizer(a, add_special_tokens=False)["input_ids"] + [eot] for r, a in zip(requests, answers)]
+    requests, seqs = _drift_sequences(tokenizer, prompts, answers)
+    if reference_states is not None and [len(h) for h in reference_states] != [len(s) - len(r)
+                                                                              for r, s in zip(requests, seqs)]:
+        raise ValueError("reference_states do not fit these prompts and answers")
     same = reference is None and not _has_adapter(model)  # the model is its own base: one pass, KL 0
     kl_sum = nll_sum = ref_nll_sum = 0.0
     tokens = 0
@@ -402,12 +450,13 @@ def benign_drift(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_
         for idx in _batches(seqs, batch_size, "benign KL", progress):
             batch = [seqs[i] for i in idx]
             with base() as ref:
-                ref_logits, _ = _logits(ref, batch, tokenizer)
-            logits = ref_logits if same else _logits(model, batch, tokenizer)[0]
+                ref_logits = None if reference_states is not None else _logits(ref, batch, tokenizer)[0]
+                ref_head = [head_logits(ref, reference_states[i]) for i in idx] if reference_states else None
+            logits = ref_logits if same and ref_logits is not None else _logits(model, batch, tokenizer)[0]
             for row, i in enumerate(idx):
                 start, end = len(requests[i]), len(seqs[i])
                 targets = torch.tensor(seqs[i][start:end], device=logits.device)
-                ref_logp = ref_logits[row, start - 1:end - 1].log_softmax(-1)
+                ref_logp = (ref_head[row] if ref_head else ref_logits[row, start - 1:end - 1]).log_softmax(-1)
                 logp = logits[row, start - 1:end - 1].log_softmax(-1)
                 kl_sum += float((ref_logp.exp() * (ref_logp - logp)).sum())
                 nll_sum -= float(logp.gather(-1, targets[:, None]).sum())
@@ -417,6 +466,58 @@ def benign_drift(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_
         model.train(was_training)
     return DriftResult(kl=max(kl_sum / tokens, 0.0), ppl=math.exp(nll_sum / tokens),
                        ppl_reference=math.exp(ref_nll_sum / tokens), tokens=tokens, answers=answers)
+
+
+def _drift_sequences(tokenizer: Any, prompts: Sequence[str],
+                     answers: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """(requests, request + answer + end-of-turn) token ids, as :func:`benign_drift` scores them."""
+    eot = end_of_turn_id(tokenizer)
+    requests = [build_request(tokenizer, p) for p in prompts]
+    seqs = [r + tokenizer(a, add_special_tokens=False)["input_ids"] + [eot] for r, a in zip(requests, answers)]
+    return requests, seqs
+
+
+def drift_reference(reference: Any, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], *,
+                    batch_size: int, progress: bool = False) -> list[torch.Tensor]:
+    """The base model's final hidden states at the positions that predict each answer's tokens (end-of-turn
+    included): what :func:`benign_drift` reads of the base model, as ``reference_states``."""
+    requests, seqs = _drift_sequences(tokenizer, prompts, answers)
+    spans = [(len(r) - 1, len(s) - 1) for r, s in zip(requests, seqs)]
+    was_training = reference.training
+    reference.eval()
+    try:
+        return final_states(reference, tokenizer, seqs, spans, batch_size=batch_size, desc="benign KL (base)",
+                            progress=progress)
+    finally:
+        reference.train(was_training)
+
+
+@contextlib.contextmanager
+def merged_adapter(model: Any) -> Iterator[Any]:
+    """``model`` with its LoRA adapter merged into the base weights while the block runs; afterwards the adapter is
+    separate again and the base weights are restored bit for bit (from a CPU copy: peft's unmerge alone leaves
+    rounding residue).
+
+    The same function with fewer, larger matmuls: on a 2-core CPU greedy generation ran 1.33x faster and MMLU 1.14x
+    (docs/LOG.md, 2026-12-04). Only for float32 weights (merging into bf16/fp16 rounds much of a small update
+    away: peft warns), and never with the adapter disabled inside the block (peft would unmerge). A model without a
+    peft adapter, or not in float32, is yielded as it is.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)] if _has_adapter(model) else []
+    if not layers or any(m.get_base_layer().weight.dtype != torch.float32 for m in layers):
+        yield model
+        return
+    saved = [m.get_base_layer().weight.detach().to("cpu", copy=True) for m in layers]
+    model.merge_adapter()
+    try:
+        yield model
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for m, w in zip(layers, saved):
+                m.get_base_layer().weight.copy_(w)
 
 
 def _has_adapter(model: Any) -> bool:
@@ -459,18 +560,22 @@ def target_nll(model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequ
 
 @torch.inference_mode()
 def representation_shift(model: Any, tokenizer: Any, prompts: Sequence[str], layers: Sequence[int], *,
-                         batch_size: int) -> float:
+                         batch_size: int, reference_states: Sequence[torch.Tensor] | None = None) -> float:
     """Mean cosine similarity cos(h, h0) between the model's and the base model's hidden states (HF
     ``hidden_states`` indices ``layers``) over the request tokens of ``prompts``; 1.0 = unchanged.
 
     Held-out harmful prompts should move (the defense reroutes them) while benign ones stay near 1. A model without
-    a peft adapter is its own base (1.0 exactly).
+    a peft adapter is its own base (1.0 exactly). ``reference_states``: the base model's
+    :func:`representation_reference` of these prompts and layers (e.g. cached), instead of its forward passes.
     """
     if not prompts:
         raise ValueError("representation_shift needs at least one prompt")
     if not _has_adapter(model):
         return 1.0
     seqs = [build_request(tokenizer, p) for p in prompts]
+    if reference_states is not None and [tuple(h.shape[:2]) for h in reference_states] != [
+            (len(layers), len(s)) for s in seqs]:
+        raise ValueError("reference_states do not fit these prompts and layers")
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
@@ -478,14 +583,40 @@ def representation_shift(model: Any, tokenizer: Any, prompts: Sequence[str], lay
         for idx in _batches(seqs, batch_size, "representation shift", False):
             ids, mask, _ = right_padded([seqs[i] for i in idx], tokenizer)
             ids, mask = ids.to(model_device(model)), mask.to(model_device(model))
-            with reference_model(model) as ref:
-                h0 = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-            h = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-            real = mask.bool()
-            for layer in layers:
-                cos = torch.nn.functional.cosine_similarity(h[layer].float(), h0[layer].float(), dim=-1)
-                total += float(cos[real].sum())
-                count += int(real.sum())
+            if reference_states is None:
+                with reference_model(model) as ref:
+                    h0 = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                             logits_to_keep=1).hidden_states
+            h = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states
+            for row, i in enumerate(idx):
+                n = len(seqs[i])
+                for j, layer in enumerate(layers):
+                    base = h0[layer][row, :n] if reference_states is None else reference_states[i][j].to(ids.device)
+                    cos = torch.nn.functional.cosine_similarity(h[layer][row, :n].float(), base.float(), dim=-1)
+                    total += float(cos.sum())
+                    count += n
     finally:
         model.train(was_training)
     return total / max(count, 1)
+
+
+@torch.inference_mode()
+def representation_reference(reference: Any, tokenizer: Any, prompts: Sequence[str], layers: Sequence[int], *,
+                             batch_size: int) -> list[torch.Tensor]:
+    """The base model's hidden states at ``layers`` over each prompt's request tokens, one ``[len(layers), n_i, D]``
+    tensor per prompt on the CPU: :func:`representation_shift`'s ``reference_states``."""
+    seqs = [build_request(tokenizer, p) for p in prompts]
+    out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    device = model_device(reference)
+    was_training = reference.training
+    reference.eval()
+    try:
+        for idx in _batches(seqs, batch_size, "representation shift (base)", False):
+            ids, mask, _ = right_padded([seqs[i] for i in idx], tokenizer)
+            h = reference(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                          logits_to_keep=1).hidden_states
+            for row, i in enumerate(idx):
+                out[i] = torch.stack([h[layer][row, :len(seqs[i])] for layer in layers]).cpu().clone()
+    finally:
+        reference.train(was_training)
+    return out

@@ -300,6 +300,11 @@ class ProbeJudge(Judge):
                 # only when set: without it the features, the fit and the cache key are v5's
                 **({"question": self.question} if self.question else {})}
 
+    def fit_key(self) -> str | None:
+        """What identifies this judge's fitted probe (settings, judge LM, label files), or None when it is not
+        cached (a given model or given labels)."""
+        return self._cache_file().stem if self.cache else None
+
     def _cache_file(self) -> Path:
         from crl_ray.data.assets import asset_path, cache_dir, resolve_model
 

@@ -138,9 +138,12 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
     from crl_ray.evaluate.capability import (
         benign_drift,
         degeneracy_score,
+        drift_reference,
+        merged_adapter,
         mmlu_accuracy,
         over_refusal,
         reference_model,
+        representation_reference,
         representation_shift,
         target_nll,
     )
@@ -157,38 +160,40 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
     benign = _prompts(ev.over_refusal, "eval.over_refusal", ev.over_refusal_limit, exclude=trained_on)
     # The optimising attacks (embedding, gcg) first, their answers left to generate; then one generation pass over
     # the plain attacks, the over-refusal prompts and those answers (CPU decoding is memory-bound, so fewer, larger
-    # batches). Each part's seconds gets its share of the pass by rows.
+    # batches). Each part's seconds gets its share of the pass by rows. These and MMLU run with a float32 LoRA
+    # adapter merged into the weights (the same function, fewer matmuls); the base model's figures come after.
     plain = [name for name in ev.attacks if name in PLAIN]
     pending: list = []
     optimised: dict[str, list] = {}
-    for i, name in enumerate(ev.attacks, 1):
-        if name in PLAIN:
-            continue
+    with merged_adapter(model):
+        for i, name in enumerate(ev.attacks, 1):
+            if name in PLAIN:
+                continue
+            t0 = time.perf_counter()
+            log.info("attack %d/%d: %s on %d behaviours", i, len(ev.attacks), name, len(behaviors))
+            before = len(pending)
+            optimised[name] = run_attack(name, model, tokenizer, behaviors, ev, seed=seed, progress=progress,
+                                         pending=pending)
+            seconds[f"attack_{name}"] = time.perf_counter() - t0
+            log.info("%s attack: %d behaviours optimised in %.1f s (%d answers to generate)", name, len(behaviors),
+                     seconds[f"attack_{name}"], len(pending) - before)
         t0 = time.perf_counter()
-        log.info("attack %d/%d: %s on %d behaviours", i, len(ev.attacks), name, len(behaviors))
-        before = len(pending)
-        optimised[name] = run_attack(name, model, tokenizer, behaviors, ev, seed=seed, progress=progress,
-                                     pending=pending)
-        seconds[f"attack_{name}"] = time.perf_counter() - t0
-        log.info("%s attack: %d behaviours optimised in %.1f s (%d answers to generate)", name, len(behaviors),
-                 seconds[f"attack_{name}"], len(pending) - before)
-    t0 = time.perf_counter()
-    log.info("generating: %s on %d behaviours, %d over-refusal prompts and %d optimised inputs",
-             " + ".join(plain) or "no plain attack", len(behaviors), len(benign), len(pending))
-    results, benign_answers = plain_generations(model, tokenizer, plain, behaviors, ev, prompts=benign,
-                                                pending=pending, progress=progress)
-    rows = len(plain) * len(behaviors) + len(benign) + len(pending)
-    seconds["generation"] = time.perf_counter() - t0
-    share = seconds["generation"] / rows if rows else 0.0
-    for name in plain:
-        seconds[f"attack_{name}"] = share * len(behaviors)
-    for name in optimised:
-        seconds[f"attack_{name}"] += share * sum(len(r.candidates) for r in optimised[name])
-    results = {name: results[name] if name in PLAIN else optimised[name] for name in ev.attacks}
-    log.info("generated %d rows in %.1f s", rows, seconds["generation"])
+        log.info("generating: %s on %d behaviours, %d over-refusal prompts and %d optimised inputs",
+                 " + ".join(plain) or "no plain attack", len(behaviors), len(benign), len(pending))
+        results, benign_answers = plain_generations(model, tokenizer, plain, behaviors, ev, prompts=benign,
+                                                    pending=pending, progress=progress)
+        rows = len(plain) * len(behaviors) + len(benign) + len(pending)
+        seconds["generation"] = time.perf_counter() - t0
+        share = seconds["generation"] / rows if rows else 0.0
+        for name in plain:
+            seconds[f"attack_{name}"] = share * len(behaviors)
+        for name in optimised:
+            seconds[f"attack_{name}"] += share * sum(len(r.candidates) for r in optimised[name])
+        results = {name: results[name] if name in PLAIN else optimised[name] for name in ev.attacks}
+        log.info("generated %d rows in %.1f s", rows, seconds["generation"])
 
-    t0 = time.perf_counter()
-    mmlu = mmlu_accuracy(model, tokenizer, ev.mmlu, batch_size=ev.batch_size, progress=progress)
+        t0 = time.perf_counter()
+        mmlu = mmlu_accuracy(model, tokenizer, ev.mmlu, batch_size=ev.batch_size, progress=progress)
     mmlu_base = mmlu.accuracy
     if _has_adapter(model):  # the base model's figure: the same for every trial, cached
 
@@ -209,9 +214,19 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
 
     t0 = time.perf_counter()
     kl_prompts = _prompts(ev.kl_prompts, "eval.kl_prompts", ev.kl_limit, exclude=trained_on)
+    kl_answers = _base_answers(cfg, model, tokenizer, kl_prompts)  # cached
+    kl_reference = None
+    if _has_adapter(model):  # the base model's side of the KL: the same for every trial, cached
+
+        def base_kl_states() -> list:
+            with reference_model(model) as base:
+                return drift_reference(base, tokenizer, kl_prompts, kl_answers, batch_size=ev.batch_size)
+
+        kl_reference = base_value(cfg, "kl_reference", {"prompts": kl_prompts, "answers": kl_answers,
+                                                        "batch_size": ev.batch_size}, base_kl_states, tensors=True)
     drift = benign_drift(model, tokenizer, kl_prompts, max_new_tokens=ev.max_new_tokens,
-                         batch_size=ev.batch_size, progress=progress,
-                         base_answers=_base_answers(cfg, model, tokenizer, kl_prompts))  # cached
+                         batch_size=ev.batch_size, progress=progress, base_answers=kl_answers,
+                         reference_states=kl_reference)
     seconds["kl"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -227,11 +242,24 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
                     base_value(cfg, "target_nll", {"behaviors": [[b.prompt, b.target] for b in behaviors],
                                                    "batch_size": ev.batch_size}, base_targets))
     layers = _signal_layers(cfg, model)
+
+    def shift(prompts: list[str]) -> float:
+        reference = None
+        if _has_adapter(model):  # the base model's states: the same for every trial, cached
+
+            def base_states() -> list:
+                with reference_model(model) as base:
+                    return representation_reference(base, tokenizer, prompts, layers, batch_size=ev.batch_size)
+
+            reference = base_value(cfg, "repr_reference", {"prompts": prompts, "layers": layers,
+                                                           "batch_size": ev.batch_size}, base_states, tensors=True)
+        return representation_shift(model, tokenizer, prompts, layers, batch_size=ev.batch_size,
+                                    reference_states=reference)
+
     signals = {
         "eval/target_nll": _mean(targets), "eval/target_nll_base": _mean(targets_base),
-        "eval/repr_cos/harmful": representation_shift(model, tokenizer, [b.prompt for b in behaviors], layers,
-                                                      batch_size=ev.batch_size),
-        "eval/repr_cos/benign": representation_shift(model, tokenizer, kl_prompts, layers, batch_size=ev.batch_size),
+        "eval/repr_cos/harmful": shift([b.prompt for b in behaviors]),
+        "eval/repr_cos/benign": shift(kl_prompts),
     }
     seconds["signals"] = time.perf_counter() - t0
 
@@ -249,7 +277,16 @@ def evaluate_model(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, 
     answers = [answer_part(c.generation, r.behavior.target) for _, r, c in flat]
     judged = categorize(judge, [r.behavior.prompt for _, r, _ in flat], answers)
     benign_cats = [c for _, c in categorize(judge, benign, refusals.answers)]
-    base_cats = benign_cats if base_answers is None else [c for _, c in categorize(judge, benign, base_answers)]
+    base_cats = benign_cats
+    if base_answers is not None:  # the base model's answers and so their verdicts: the same every trial, cached
+        fit = _judge_fit_key(judge)
+
+        def base_verdicts() -> list[str]:
+            return [c for _, c in categorize(judge, benign, base_answers)]
+
+        base_cats = base_verdicts() if fit is None else base_value(
+            cfg, "base_benign_verdicts", {"judge": judge.describe(), "fit": fit, "prompts": benign,
+                                          "answers": base_answers}, base_verdicts)
     seconds["judge"] = time.perf_counter() - t0
     log.info("judged %d generations with the %s judge in %.1f s", len(flat), judge.name, seconds["judge"])
 
@@ -437,12 +474,16 @@ def _base_answers(cfg: SweepConfig | EvalSettings, model: Any, tokenizer: Any, p
 BASE_VALUE_VERSION = "1"  # bump when a change here or in the measured functions changes a base figure
 
 
-def base_value(cfg: SweepConfig | EvalSettings, kind: str, inputs: dict[str, Any], compute: Callable[[], Any]) -> Any:
+def base_value(cfg: SweepConfig | EvalSettings, kind: str, inputs: dict[str, Any], compute: Callable[[], Any], *,
+               tensors: bool = False) -> Any:
     """A figure of the base model (adapter disabled) that every trial of a sweep would recompute identically
-    (MMLU accuracy, target NLLs): from the node cache (``~/.cache/crl_ray/eval_base``), or ``compute()`` once and
-    stored. The key covers the model (name, revision, dtype), ``kind``, ``inputs`` (questions, prompts, batch
-    size: everything the figure depends on) and the library versions."""
+    (MMLU accuracy, target NLLs, the judge's verdicts on its answers; with ``tensors``, a list of tensors such as
+    its hidden states for the KL and the representation shift): from the node cache
+    (``~/.cache/crl_ray/eval_base``), or ``compute()`` once and stored. The key covers the model (name, revision,
+    dtype), ``kind``, ``inputs`` (questions, prompts, batch size: everything the figure depends on) and the library
+    versions."""
     import hashlib
+    import io
 
     from filelock import FileLock
 
@@ -454,18 +495,37 @@ def base_value(cfg: SweepConfig | EvalSettings, kind: str, inputs: dict[str, Any
     key = hashlib.sha256(blob.encode()).hexdigest()[:24]
     folder = cache_dir() / "eval_base"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{kind}-{key}.json"
+    path = folder / f"{kind}-{key}.{'pt' if tensors else 'json'}"
     with FileLock(str(folder / f"{kind}-{key}.lock")):
         if path.is_file():
             try:
-                value = json.loads(path.read_text())["value"]
+                if tensors:
+                    import torch
+
+                    value = torch.load(path, map_location="cpu", weights_only=True)["value"]
+                else:
+                    value = json.loads(path.read_text())["value"]
                 log.info("base-model %s from the cache (%s)", kind, path.name)
                 return value
-            except (ValueError, KeyError) as exc:
+            except Exception as exc:  # a damaged file: recompute it
                 log.warning("base-model cache %s unreadable (%s); recomputing", path.name, exc)
         value = compute()
-        _write_atomic(path, json.dumps({"kind": kind, "value": value}, allow_nan=True))
+        if tensors:
+            import torch
+
+            buffer = io.BytesIO()
+            torch.save({"kind": kind, "value": [t.contiguous() for t in value]}, buffer)
+            atomic_write(path, buffer.getvalue())
+        else:
+            _write_atomic(path, json.dumps({"kind": kind, "value": value}, allow_nan=True))
         return value
+
+
+def _judge_fit_key(judge: Any) -> str | None:
+    """What identifies a judge's verdicts beyond :meth:`describe`: the probe's fit (labels, judge LM); "" for a
+    judge without a fit; None when they cannot be keyed (a probe fitted on given labels), i.e. not to be cached."""
+    key = getattr(judge, "fit_key", None)
+    return key() if callable(key) else ""
 
 
 def _embedding_signals(results: Sequence[Any], ev: Any) -> dict[str, float]:
