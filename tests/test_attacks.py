@@ -407,6 +407,21 @@ def test_batched_greedy_generation_equals_one_at_a_time(model, tok, behaviors) -
     assert batched == [greedy_generate(model, tok, [r], max_new_tokens=8, batch_size=1)[0] for r in rows]
 
 
+def test_preallocated_kv_cache_gives_transformers_own_answers(model, tok, behaviors) -> None:
+    emb = model.get_input_embeddings()
+    rows = [emb(torch.tensor(attack_layout(tok, b).before_ids)).detach() for b in behaviors]
+    own = greedy_generate(model, tok, rows, max_new_tokens=8, batch_size=3, preallocate=False)
+    assert greedy_generate(model, tok, rows, max_new_tokens=8, batch_size=3) == own
+    cache = attacks._decode_cache(model, 3)  # smaller than the sequence: the buffers grow, the states stay equal
+    assert cache is not None and all(type(layer).__name__ == "PreallocatedLayer" for layer in cache.layers)
+    ids = torch.tensor([attack_layout(tok, behaviors[0]).before_ids])
+    with torch.no_grad():
+        grown = model(input_ids=ids, use_cache=True, cache=cache).cache
+        plain = model(input_ids=ids, use_cache=True).cache
+    for a, b in zip(grown.layers, plain.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
 # ============================================================================================ GCG
 def test_gcg_keeps_its_best_loss_and_uses_allowed_tokens(model, tok, behaviors) -> None:
     cfg = GCGConfig(steps=4, suffix_tokens=6, top_k=16, search_width=32)
