@@ -14,6 +14,7 @@ left padded, so slot, ``after`` and target sit in the same columns of every row.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -307,14 +308,12 @@ def _tail(model: Any, layouts: Sequence[AttackLayout], labels: Tensor) -> Tensor
 
 
 # ============================================================================================ generation
-def _preallocated_layer_type() -> type | None:
+@functools.lru_cache(maxsize=1)
+def _preallocated_layer() -> type:
     """A transformers DynamicLayer that writes into buffers sized for the whole generation and returns views of
     them, instead of concatenating the whole cache at every step (per layer, keys and values: ~20 % of a CPU decode
-    step at 32 rows x 128 tokens; docs/LOG.md, 2026-12-04). None where transformers has no cache layers."""
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:
-        return None
+    step at 32 rows x 128 tokens; docs/LOG.md, 2026-12-04)."""
+    from transformers.cache_utils import DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
         def __init__(self, capacity: int) -> None:
@@ -343,18 +342,13 @@ def _preallocated_layer_type() -> type | None:
 
 def _decode_cache(model: Any, capacity: int) -> Any:
     """A DynamicCache for ``capacity`` positions whose full-attention layers are preallocated (sliding-window and
-    other layers as transformers makes them), or None (let the model make its own)."""
+    other layers as transformers makes them)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    layer_type = _preallocated_layer_type()
-    try:
-        cache = DynamicCache(config=model.config)
-    except TypeError:
-        return None
-    if layer_type is None or not isinstance(getattr(cache, "layers", None), list):
-        return None
-    cache.layers = [layer_type(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache = DynamicCache(config=model.config)
+    layer = _preallocated_layer()
+    cache.layers = [layer(capacity) if type(old) is DynamicLayer else old for old in cache.layers]
     return cache
 
 

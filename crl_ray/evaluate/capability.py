@@ -40,8 +40,8 @@ __all__ = [
     "degeneracy_components",
     "degeneracy_score",
     "drift_reference",
-    "final_states",
     "head_logits",
+    "hidden_states",
     "letter_logprobs",
     "load_mmlu",
     "mmlu_accuracy",
@@ -109,22 +109,28 @@ def _last_logits(model: Any, seqs: Sequence[Sequence[int]], tokenizer: Any) -> t
     return out.logits[torch.arange(len(seqs)), column.to(out.logits.device)].float()
 
 
-def final_states(model: Any, tokenizer: Any, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], *,
-                 batch_size: int, desc: str = "final states", progress: bool = False) -> list[torch.Tensor]:
-    """The last hidden state (after the final norm: what the LM head reads) of ``seqs[i]`` at positions
-    ``spans[i][0]:spans[i][1]``, one ``[n_i, D]`` tensor per sequence, on the CPU. :func:`head_logits` turns them
-    into those positions' logits; the states are ~1/85 the size of the logits at a 49k vocabulary, so a base
-    model's can be cached."""
+def hidden_states(model: Any, tokenizer: Any, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
+                  layers: Sequence[int], *, batch_size: int, desc: str = "hidden states",
+                  progress: bool = False) -> list[torch.Tensor]:
+    """HF ``hidden_states`` at ``layers`` of ``seqs[i]`` at positions ``spans[i][0]:spans[i][1]``, one
+    ``[len(layers), n_i, D]`` tensor per sequence, on the CPU (the model in eval mode, restored afterwards). Layer -1
+    is the last hidden state after the final norm, what the LM head reads (:func:`head_logits`): ~1/85 the size of
+    the logits at a 49k vocabulary, so a base model's can be cached."""
     out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
     device = model_device(model)
-    with torch.inference_mode():
-        for idx in _batches(seqs, batch_size, desc, progress):
-            ids, mask, _ = right_padded([seqs[i] for i in idx], tokenizer)
-            h = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
-                      logits_to_keep=1).hidden_states[-1]
-            for row, i in enumerate(idx):
-                a, b = spans[i]
-                out[i] = h[row, a:b].detach().cpu().clone()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for idx in _batches(seqs, batch_size, desc, progress):
+                ids, mask, _ = right_padded([seqs[i] for i in idx], tokenizer)
+                h = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                          logits_to_keep=1).hidden_states
+                for row, i in enumerate(idx):
+                    a, b = spans[i]
+                    out[i] = torch.stack([h[layer][row, a:b] for layer in layers]).cpu().clone()
+    finally:
+        model.train(was_training)
     return out
 
 
@@ -483,13 +489,9 @@ def drift_reference(reference: Any, tokenizer: Any, prompts: Sequence[str], answ
     included): what :func:`benign_drift` reads of the base model, as ``reference_states``."""
     requests, seqs = _drift_sequences(tokenizer, prompts, answers)
     spans = [(len(r) - 1, len(s) - 1) for r, s in zip(requests, seqs)]
-    was_training = reference.training
-    reference.eval()
-    try:
-        return final_states(reference, tokenizer, seqs, spans, batch_size=batch_size, desc="benign KL (base)",
-                            progress=progress)
-    finally:
-        reference.train(was_training)
+    states = hidden_states(reference, tokenizer, seqs, spans, [-1], batch_size=batch_size, desc="benign KL (base)",
+                           progress=progress)
+    return [h[0] for h in states]
 
 
 @contextlib.contextmanager
@@ -600,23 +602,10 @@ def representation_shift(model: Any, tokenizer: Any, prompts: Sequence[str], lay
     return total / max(count, 1)
 
 
-@torch.inference_mode()
 def representation_reference(reference: Any, tokenizer: Any, prompts: Sequence[str], layers: Sequence[int], *,
                              batch_size: int) -> list[torch.Tensor]:
     """The base model's hidden states at ``layers`` over each prompt's request tokens, one ``[len(layers), n_i, D]``
     tensor per prompt on the CPU: :func:`representation_shift`'s ``reference_states``."""
     seqs = [build_request(tokenizer, p) for p in prompts]
-    out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
-    device = model_device(reference)
-    was_training = reference.training
-    reference.eval()
-    try:
-        for idx in _batches(seqs, batch_size, "representation shift (base)", False):
-            ids, mask, _ = right_padded([seqs[i] for i in idx], tokenizer)
-            h = reference(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
-                          logits_to_keep=1).hidden_states
-            for row, i in enumerate(idx):
-                out[i] = torch.stack([h[layer][row, :len(seqs[i])] for layer in layers]).cpu().clone()
-    finally:
-        reference.train(was_training)
-    return out
+    return hidden_states(reference, tokenizer, seqs, [(0, len(s)) for s in seqs], layers, batch_size=batch_size,
+                         desc="representation shift (base)")
