@@ -16,6 +16,7 @@ from crl_ray.training.losses import (
     distance,
     harmful_centroid,
     kl_retain,
+    kl_retain_chunked,
     masked_norm_mean,
     repbend_cluster,
     triplet_terms,
@@ -244,6 +245,35 @@ def test_kl_retain_zero_for_equal_logits_and_matches_formula() -> None:
     ref = sum(float((p[i, j] * (p[i, j].log() - torch.log_softmax(z[i, j] / t, -1))).sum())
               for i in range(2) for j in range(3) if mask[i, j]) * t * t / 2
     assert_close(kl_retain(z0, z, mask), torch.tensor(ref, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kl_retain_chunked_is_kl_retain(monkeypatch, dtype) -> None:
+    """Chunks of 3 positions over 2 x 5 (a short last chunk), a masked position: the same value bit for bit, the
+    same gradient bit for bit when the loss is the KL itself, and within rounding when it is scaled."""
+    import crl_ray.training.losses as losses
+
+    monkeypatch.setattr(losses, "KL_CHUNK_ROWS", 3)
+    g = torch.Generator().manual_seed(1)
+    z0 = (torch.randn(2, 5, 11, generator=g) * 3).to(dtype)
+    z = (torch.randn(2, 5, 11, generator=g) * 3).to(dtype)
+    mask = torch.ones(2, 5)
+    mask[1, 4] = 0
+    for scale in (1.0, 0.7):
+        a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+        plain = kl_retain(z0, a, mask, 2.0, num_sequences=torch.tensor(3.0))
+        chunked = kl_retain_chunked(z0, b, mask, 2.0, num_sequences=torch.tensor(3.0))
+        assert plain.dtype == chunked.dtype == torch.float32 and torch.equal(plain, chunked)
+        (scale * plain).backward()
+        (scale * chunked).backward()
+        assert b.grad.dtype == dtype and b.grad.shape == z.shape
+        if scale == 1.0:
+            assert torch.equal(a.grad, b.grad)
+        else:
+            assert_close(b.grad.float(), a.grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-7)
+        assert float(b.grad[1, 4].abs().sum()) == 0.0 and float(b.grad.abs().sum()) > 0
+    assert_close(kl_retain_chunked(z0, z0, mask), torch.tensor(0.0))
+    assert_close(kl_retain_chunked(z0, z, mask), kl_retain(z0, z, mask))  # default: the local batch size
 
 
 # --------------------------------------------------------------------------------------------- data parallel

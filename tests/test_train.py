@@ -252,6 +252,33 @@ def test_bf16_autocast_trains_close_to_fp32(tiny_model_dir, tmp_path):
     assert all(p.dtype == torch.float32 for _, p in worker.trainable)
 
 
+def test_bf16_step_skips_peft_input_cast_with_the_same_result(tiny_model_dir, tmp_path, monkeypatch):
+    """Under bf16 autocast the step turns off peft's cast of LoRA inputs to the float32 LoRA weights (forward and
+    backward): autocast casts them to bf16 anyway, so the step is bit-identical to one with the cast, and the
+    flag is back on afterwards."""
+    import contextlib
+
+    import peft.helpers
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    cfg = make_cfg(tiny_model_dir, train={"precision": "bf16"})
+    worker = build_worker(cfg, tmp_path / "off")
+    layers = [m for m in worker.model.modules() if isinstance(m, BaseTunerLayer)]
+    seen: list[bool] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(mod.cast_input_dtype_enabled)) for m in layers]
+    off = [worker.train_step()["train/loss"] for _ in range(2)]
+    for h in hooks:
+        h.remove()
+    assert seen and not any(seen)  # every LoRA call of the step ran without peft's cast
+    assert all(m.cast_input_dtype_enabled for m in layers)  # restored
+    monkeypatch.setattr(peft.helpers, "disable_input_dtype_casting", lambda model, active=True: contextlib.nullcontext())
+    with_cast = build_worker(cfg, tmp_path / "on")
+    on = [with_cast.train_step()["train/loss"] for _ in range(2)]
+    assert off == on
+    for (name, a), (_, b) in zip(worker.trainable, with_cast.trainable):
+        assert torch.equal(a, b), name
+
+
 def test_lora_blocks_follow_config(tiny_model_dir, tmp_path):
     cfg = make_cfg(tiny_model_dir, loss={"target_layers": [1, 2], "benign_layers": "target"})
     assert lora_blocks(cfg, 4, LossPlan.from_config(cfg, 4).lora_last_layer) == [0, 1, 2]

@@ -141,6 +141,54 @@ def kl_retain(logits_orig: Tensor, logits_lora: Tensor, mask: Tensor, temperatur
     return t * t * (per_token * mask.to(torch.float32)).sum() / n
 
 
+KL_CHUNK_ROWS = 128  # positions per chunk: ~25 MB of float32 logits at a 49k vocabulary
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """:func:`kl_retain`'s value and gradient, computed ``KL_CHUNK_ROWS`` positions at a time.
+
+    Each chunk runs kl_retain's own ops under autograd and keeps only the gradient (float32), so no [positions,
+    vocab] temporary of the whole batch is made (the plain formula makes ~8, each a fresh allocation the OS
+    zero-fills). The value is summed over the same per-token terms as kl_retain (bit-identical); the gradient is
+    the same ops per element, scaled by the incoming gradient at the end instead of the start.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_lora: Tensor, logits_orig: Tensor, mask: Tensor, t: float, n: Tensor) -> Tensor:
+        vocab = logits_lora.shape[-1]
+        z, z0, m = logits_lora.reshape(-1, vocab), logits_orig.reshape(-1, vocab), mask.reshape(-1)
+        per_token = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+        grad = torch.empty(z.shape, dtype=torch.float32, device=z.device)
+        for start in range(0, z.shape[0], KL_CHUNK_ROWS):
+            rows = slice(start, start + KL_CHUNK_ROWS)
+            with torch.enable_grad():
+                zc = z[rows].detach().float().requires_grad_()
+                logp = F.log_softmax(zc / t, dim=-1)
+                logq = F.log_softmax(z0[rows].float() / t, dim=-1)
+                tok = (logq.exp() * (logq - logp)).sum(-1)
+                (g,) = torch.autograd.grad(t * t * (tok * m[rows].to(torch.float32)).sum() / n, zc)
+            per_token[rows] = tok.detach()
+            grad[rows] = g
+        ctx.save_for_backward(grad)
+        ctx.meta = (logits_lora.shape, logits_lora.dtype)
+        return t * t * (per_token * m.to(torch.float32)).sum() / n
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (grad,) = ctx.saved_tensors
+        shape, dtype = ctx.meta
+        return (grad * grad_out).to(dtype).reshape(shape), None, None, None, None
+
+
+def kl_retain_chunked(logits_orig: Tensor, logits_lora: Tensor, mask: Tensor, temperature: float = 2.0,
+                      num_sequences: Tensor | float | None = None) -> Tensor:
+    """:func:`kl_retain` (same arguments, same value) with a fraction of its memory traffic: see :class:`_ChunkedKL`.
+    No gradient flows to ``logits_orig`` (kl_retain detaches it too)."""
+    n = logits_lora.shape[0] if num_sequences is None else num_sequences
+    n = torch.as_tensor(n, dtype=torch.float32, device=logits_lora.device)
+    return _ChunkedKL.apply(logits_lora, logits_orig.detach(), mask, float(temperature), n)
+
+
 # --------------------------------------------------------------------------------------------- baselines
 def circuit_breaker_coefficients(step: int, total_steps: int, alpha: float) -> tuple[float, float]:
     """(c_r, c_cb) = (alpha * t/(2T), alpha * (1 - t/(2T))) at optimizer step t of T (Zou et al. 2024)."""

@@ -35,7 +35,7 @@ from crl_ray.training.losses import (
     circuit_breaker_coefficients,
     circuit_breaker_terms,
     harmful_centroid,
-    kl_retain,
+    kl_retain_chunked,
     masked_norm_mean,
     repbend_cluster,
     triplet_terms,
@@ -241,7 +241,7 @@ class StepComputer:
     def _kl_term(self, z0: Tensor, z: Tensor, mask: Tensor, retain: Batch) -> Tensor:
         """kl_retain over the masked logits, "batchmean" over the retain sequences of all ranks."""
         seqs = self.coll.sum(torch.tensor(float(retain["input_ids"].shape[0])))
-        return kl_retain(z0, z, mask, self.cfg.loss.kl_temperature, num_sequences=seqs)
+        return kl_retain_chunked(z0, z, mask, self.cfg.loss.kl_temperature, num_sequences=seqs)
 
     def _global_count(self, mask: Tensor) -> Tensor:
         return self.coll.sum(mask.float().sum()).clamp_min(1.0)
