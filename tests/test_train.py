@@ -271,7 +271,8 @@ def test_bf16_step_skips_peft_input_cast_with_the_same_result(tiny_model_dir, tm
         h.remove()
     assert seen and not any(seen)  # every LoRA call of the step ran without peft's cast
     assert all(m.cast_input_dtype_enabled for m in layers)  # restored
-    monkeypatch.setattr(peft.helpers, "disable_input_dtype_casting", lambda model, active=True: contextlib.nullcontext())
+    monkeypatch.setattr(peft.helpers, "disable_input_dtype_casting",
+                        lambda model, active=True: contextlib.nullcontext())
     with_cast = build_worker(cfg, tmp_path / "on")
     on = [with_cast.train_step()["train/loss"] for _ in range(2)]
     assert off == on
@@ -367,6 +368,34 @@ def test_runs_of_one_storage_prepare_their_data_once(tiny_model_dir, tmp_path, m
     (folder.parent / DATA_MARKER).write_text("gone")
     again = run_training(make_cfg(tiny_model_dir, train={"steps": 1}), run_name="d", storage_path=tmp_path)
     assert len(calls) == 3 and again.data_provenance.is_file() and first.data_provenance.is_file()
+
+
+def test_sweep_prepares_the_trials_data_once_unless_the_space_changes_it(tiny_model_dir, tmp_path, monkeypatch):
+    """crl_ray.sweep.run.prepare_training_data: a space over lr and a margin leaves the data alone, so it is prepared
+    before the trials, where a trial's run_training finds it (no second preparation); a space over a data key
+    (each value its own data) or over the loss layers with the frozen cache on leaves it to the trials."""
+    import crl_ray.training.train as train
+    from crl_ray.sweep.run import prepare_training_data
+
+    calls = []
+    real = train.prepare_data
+    monkeypatch.setattr(train, "prepare_data", lambda cfg, out: calls.append(out) or real(cfg, out))
+    space = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+             "loss.margin_harmful": {"type": "float", "low": 1.0, "high": 5.0}}
+    cfg = make_cfg(tiny_model_dir, train={"steps": 1}, search={"algorithm": "tpe", "num_trials": 2, "space": space})
+    prepare_training_data(cfg, str(tmp_path / "a"))
+    assert len(calls) == 1 and Path(calls[0]).parent.parent == tmp_path / "a" / "train"
+    trial = run_training(make_cfg(tiny_model_dir, train={"steps": 1, "lr": 5e-3}, loss={"margin_harmful": 4.0}),
+                         run_name="t", storage_path=tmp_path / "a" / "train")
+    assert len(calls) == 1 and trial.data_provenance.parent == Path(calls[0])
+    for sections in ({"data": {**cfg.data.model_dump(mode="json"), "max_response_tokens": 16},
+                      "search": {"algorithm": "tpe", "num_trials": 2, "space": {
+                          "data.max_response_tokens": {"type": "int", "low": 8, "high": 16}}}},
+                     {"train": {"steps": 1, "frozen_cache": True}, "loss": {"target_layers": [1, 2]},
+                      "search": {"algorithm": "tpe", "num_trials": 2, "space": {
+                          "loss.target_layers": {"type": "categorical", "choices": [[1, 2], [2, 3]]}}}}):
+        prepare_training_data(make_cfg(tiny_model_dir, **sections), str(tmp_path / "b"))
+        assert len(calls) == 1 and not (tmp_path / "b").exists()
 
 
 def test_schedule_and_weight_decay_change_training(tiny_model_dir, tmp_path):

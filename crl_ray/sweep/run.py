@@ -397,6 +397,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, job=None) -> SweepOutco
             log.warning(warning)
         if job is None:  # the real evaluation judges; a replacement job (tests) brings its own metrics
             prepare_judge(cfg)
+            prepare_training_data(cfg, store or str(folder))
         target = tracking.open_sweep_run(uri, experiment, cfg.name, resume=mode != "new", commit=tracking.git_commit(),
                                          artifact_dir=folder / "mlartifacts")
         base = dump_config(cfg)
@@ -481,6 +482,31 @@ def prepare_judge(cfg: SweepConfig) -> None:
     log.info("probe judge ready: accuracy %.3f [%.3f, %.3f], ASR bias %+.3f on %d human labels",
              summary["judge/accuracy"], summary["judge/accuracy_low"], summary["judge/accuracy_high"],
              summary["judge/rate_bias"], int(summary["judge/labels"]))
+
+
+def prepare_training_data(cfg: SweepConfig, trial_root: str) -> None:
+    """The trials' training data, prepared before the first trial (where they look for it: ``train`` under
+    ``trial_root``) when no value of the search space changes it (crl_ray.training.train.data_key, checked at
+    each parameter's extremes), so that no trial pays for it and concurrent first trials do not each prepare a
+    copy. A space that changes the data (model, data or loss layers) leaves it to the trials, as before."""
+    import copy
+
+    from crl_ray.config import parse_config
+    from crl_ray.storage import Store
+    from crl_ray.training.train import data_key, shared_data
+    from crl_ray.validate import set_path, space_samples
+
+    key, base = data_key(cfg), dump_config(cfg)
+    for path, param in cfg.search.space.items():
+        for _, value in space_samples(param):
+            raw = copy.deepcopy(base)
+            set_path(raw, path, value)
+            if data_key(parse_config(raw, "search space")) != key:
+                log.info("training data: %s changes it, so each trial prepares its own", path)
+                return
+    started = time.monotonic()
+    shared_data(cfg, Store(Store(trial_root).located("train")), local=cfg.resources.num_workers == 0)
+    log.info("training data ready for every trial (%.1f s)", time.monotonic() - started)
 
 
 def _log_sweep_config(target, base: dict, config_file: Path) -> None:
