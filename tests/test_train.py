@@ -15,6 +15,7 @@ from helpers_tiny import tiny_llama, tiny_tokenizer
 from torch.testing import assert_close
 
 from crl_ray.config import parse_config
+from crl_ray.errors import UserError
 from crl_ray.training.model import (
     apply_lora,
     enable_activation_checkpointing,
@@ -396,6 +397,16 @@ def test_sweep_prepares_the_trials_data_once_unless_the_space_changes_it(tiny_mo
                           "loss.target_layers": {"type": "categorical", "choices": [[1, 2], [2, 3]]}}}}):
         prepare_training_data(make_cfg(tiny_model_dir, **sections), str(tmp_path / "b"))
         assert len(calls) == 1 and not (tmp_path / "b").exists()
+
+    class Wrapped(Exception):  # like Ray's RayTaskError: the task's own exception as ``cause``
+        cause = UserError("data.harmful[0].source: no such file")
+
+    def fail(*args, **kwargs):
+        raise Wrapped()
+
+    monkeypatch.setattr(train, "shared_data", fail)
+    with pytest.raises(UserError, match="no such file"):
+        prepare_training_data(cfg, str(tmp_path / "c"))
 
 
 def test_schedule_and_weight_decay_change_training(tiny_model_dir, tmp_path):

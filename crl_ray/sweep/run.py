@@ -505,7 +505,12 @@ def prepare_training_data(cfg: SweepConfig, trial_root: str) -> None:
                 log.info("training data: %s changes it, so each trial prepares its own", path)
                 return
     started = time.monotonic()
-    shared_data(cfg, Store(Store(trial_root).located("train")), local=cfg.resources.num_workers == 0)
+    try:
+        shared_data(cfg, Store(Store(trial_root).located("train")), local=cfg.resources.num_workers == 0)
+    except Exception as exc:  # a data problem as the user's error (exit 2), not inside Ray's task wrapper
+        from crl_ray.sweep.trial import original_error
+
+        raise original_error(exc) from None
     log.info("training data ready for every trial (%.1f s)", time.monotonic() - started)
 
 
