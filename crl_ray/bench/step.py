@@ -190,6 +190,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         if args.variant == "naive":
             loss, terms = naive_step(model, cfg, plan, *batches)
+            loss.backward()
         else:
             # as the worker's train_step: no cast cache (a checkpointed block recomputes its casts in backward,
             # outside this region), and no peft cast of LoRA inputs under bf16 (forward and backward)
@@ -199,8 +200,6 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
                     loss, metrics = computer(*batches, micro_step=0, optimizer_step=0)
                 loss.backward()
             terms = {k: v for k, v in metrics.items() if k in ("train/loss_b", "train/loss_h", "train/loss_kl")}
-        if args.variant == "naive":
-            loss.backward()
         grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in trainable]))
         for p in trainable:  # no optimizer step: every step sees the same weights, so losses repeat exactly
             p.grad = None

@@ -134,11 +134,16 @@ def kl_retain(logits_orig: Tensor, logits_lora: Tensor, mask: Tensor, temperatur
     ``num_sequences`` overrides the local batch size (data-parallel: the global number of sequences).
     """
     t = temperature
-    logp = F.log_softmax(logits_lora.float() / t, dim=-1)
-    logq = F.log_softmax(logits_orig.detach().float() / t, dim=-1)
-    per_token = (logq.exp() * (logq - logp)).sum(-1)
+    per_token = _kl_per_token(logits_orig, logits_lora, t)
     n = logits_lora.shape[0] if num_sequences is None else num_sequences
     return t * t * (per_token * mask.to(torch.float32)).sum() / n
+
+
+def _kl_per_token(logits_orig: Tensor, logits_lora: Tensor, t: float) -> Tensor:
+    """KL(softmax(z0/t) || softmax(z/t)) at each position (float32), no gradient to ``logits_orig``."""
+    logp = F.log_softmax(logits_lora.float() / t, dim=-1)
+    logq = F.log_softmax(logits_orig.detach().float() / t, dim=-1)
+    return (logq.exp() * (logq - logp)).sum(-1)
 
 
 KL_CHUNK_ROWS = 128  # positions per chunk: ~25 MB of float32 logits at a 49k vocabulary
@@ -147,9 +152,9 @@ KL_CHUNK_ROWS = 128  # positions per chunk: ~25 MB of float32 logits at a 49k vo
 class _ChunkedKL(torch.autograd.Function):
     """:func:`kl_retain`'s value and gradient, computed ``KL_CHUNK_ROWS`` positions at a time.
 
-    Each chunk runs kl_retain's own ops under autograd and keeps only the gradient (float32), so no [positions,
-    vocab] temporary of the whole batch is made (the plain formula makes ~8, each a fresh allocation the OS
-    zero-fills). The value is summed over the same per-token terms as kl_retain (bit-identical); the gradient is
+    Each chunk runs kl_retain's own ops (:func:`_kl_per_token`) under autograd and keeps only the gradient
+    (float32), so no [positions, vocab] temporary of the whole batch is made (the plain formula makes ~8, each a
+    fresh allocation the OS zero-fills). The value is summed over the same per-token terms as kl_retain (bit-identical); the gradient is
     the same ops per element, scaled by the incoming gradient at the end instead of the start.
     """
 
@@ -163,9 +168,7 @@ class _ChunkedKL(torch.autograd.Function):
             rows = slice(start, start + KL_CHUNK_ROWS)
             with torch.enable_grad():
                 zc = z[rows].detach().float().requires_grad_()
-                logp = F.log_softmax(zc / t, dim=-1)
-                logq = F.log_softmax(z0[rows].float() / t, dim=-1)
-                tok = (logq.exp() * (logq - logp)).sum(-1)
+                tok = _kl_per_token(z0[rows], zc, t)
                 (g,) = torch.autograd.grad(t * t * (tok * m[rows].to(torch.float32)).sum() / n, zc)
             per_token[rows] = tok.detach()
             grad[rows] = g
