@@ -66,8 +66,11 @@ def test_smoke_shape_sets_the_smoke_sweeps_sizes():
     assert "dropout: 0.0" in smoke  # the shape's LoRA dropout is smoke.yaml's
 
 
-def test_frozen_share_and_profile_are_reported(tiny_folder):
-    got = bench(tiny_folder, "--batch", "2", "--seq", "16", "--dense", "--variant", "project", "--profile")
+def test_frozen_share_and_profile_are_reported(tiny_folder, tmp_path):
+    out = tmp_path / "project.json"
+    got = bench(tiny_folder, "--batch", "2", "--seq", "16", "--dense", "--variant", "project", "--profile",
+                "--out", str(out))
+    assert json.loads(out.read_text()) == got  # --out writes a single variant's JSON too
     assert 0 < got["frozen_seconds_per_step"] < got["seconds_per_step"]
     assert 0 < got["frozen_share"] < 1
     ops = got["profile_top_ops"]

@@ -249,8 +249,9 @@ def test_kl_retain_zero_for_equal_logits_and_matches_formula() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kl_retain_chunked_is_kl_retain(monkeypatch, dtype) -> None:
-    """Chunks of 3 positions over 2 x 5 (a short last chunk), a masked position: the same value bit for bit, the
-    same gradient bit for bit when the loss is the KL itself, and within rounding when it is scaled."""
+    """Chunks of 3 positions over 2 x 5 (a short last chunk), a masked position: the same value bit for bit, and
+    the closed-form gradient equal to autograd's through kl_retain within float32 rounding (within one bfloat16
+    rounding step for bfloat16 logits), unscaled and scaled."""
     import crl_ray.training.losses as losses
 
     monkeypatch.setattr(losses, "KL_CHUNK_ROWS", 3)
@@ -267,10 +268,7 @@ def test_kl_retain_chunked_is_kl_retain(monkeypatch, dtype) -> None:
         (scale * plain).backward()
         (scale * chunked).backward()
         assert b.grad.dtype == dtype and b.grad.shape == z.shape
-        if scale == 1.0:
-            assert torch.equal(a.grad, b.grad)
-        else:
-            assert_close(b.grad.float(), a.grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-7)
+        assert_close(b.grad.float(), a.grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-7)
         assert float(b.grad[1, 4].abs().sum()) == 0.0 and float(b.grad.abs().sum()) > 0
     assert_close(kl_retain_chunked(z0, z0, mask), torch.tensor(0.0))
     assert_close(kl_retain_chunked(z0, z, mask), kl_retain(z0, z, mask))  # default: the local batch size

@@ -260,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --seq must be >= 4, --batch and --steps >= 1", file=sys.stderr)
         return 2
     if args.variant != "both":
-        print(json.dumps(run_variant(args)))
+        text = json.dumps(run_variant(args))
+        print(text)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
         return 0
     results = {}
     base = _strip_options(list(argv if argv is not None else sys.argv[1:]), ("--variant", "--out"))
