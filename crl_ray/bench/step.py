@@ -130,8 +130,6 @@ def _peak_rss_gb() -> float:
 
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     """Build the model, run warm-up + timed steps of one variant in this process, return its numbers."""
-    from peft.helpers import disable_input_dtype_casting
-
     from crl_ray.data import load_model_and_tokenizer
     from crl_ray.training.model import (
         apply_lora,
@@ -140,7 +138,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         num_blocks,
         seed_everything,
     )
-    from crl_ray.training.step import LossPlan, StepComputer
+    from crl_ray.training.step import LossPlan, StepComputer, micro_step
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,13 +190,9 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
             loss, terms = naive_step(model, cfg, plan, *batches)
             loss.backward()
         else:
-            # as the worker's train_step: no cast cache (a checkpointed block recomputes its casts in backward,
-            # outside this region), and no peft cast of LoRA inputs under bf16 (forward and backward)
-            with disable_input_dtype_casting(model, active=args.precision == "bf16"):
-                with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16",
-                                    cache_enabled=False):
-                    loss, metrics = computer(*batches, micro_step=0, optimizer_step=0)
-                loss.backward()
+            # the worker's own micro-step (its precision region), one micro-step a step
+            loss, metrics = micro_step(computer, model, *batches, precision=args.precision, device_type="cpu",
+                                       micro_step=0, optimizer_step=0)
             terms = {k: v for k, v in metrics.items() if k in ("train/loss_b", "train/loss_h", "train/loss_kl")}
         grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in trainable]))
         for p in trainable:  # no optimizer step: every step sees the same weights, so losses repeat exactly

@@ -386,6 +386,27 @@ class StepComputer:
         return local, metrics
 
 
+def micro_step(computer: StepComputer, model: nn.Module, benign: Batch, harmful: Batch, retain: Batch, *,
+               precision: str, device_type: str, micro_step: int, optimizer_step: int,
+               divisor: int = 1) -> tuple[Tensor, dict[str, float]]:
+    """Forward and backward of one micro-step in the training precision: (value, metrics) of ``computer``, with
+    the gradient of value / ``divisor`` (the gradient accumulation) added to the LoRA weights' ``.grad``.
+
+    bf16: the forward under bfloat16 autocast without a cast cache (a checkpointed block recomputes its casts in
+    backward, outside the autocast region), and no peft cast of LoRA inputs in forward or backward (under autocast
+    every LoRA matmul casts its input to bf16 itself; peft's cast of a bf16 input to the float32 LoRA weights'
+    dtype is a round trip, two copies of every such input; bit-identical without).
+    """
+    from peft.helpers import disable_input_dtype_casting
+
+    bf16 = precision == "bf16"
+    with disable_input_dtype_casting(model, active=bf16):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+            value, metrics = computer(benign, harmful, retain, micro_step=micro_step, optimizer_step=optimizer_step)
+        (value / divisor).backward()
+    return value, metrics
+
+
 def finite_or_raise(metrics: dict[str, float], step: int) -> None:
     """Stop a run whose loss is NaN/inf: a sweep records it as failed with this reason."""
     bad = {k: v for k, v in metrics.items() if k.startswith("train/loss") and not math.isfinite(v)}
@@ -393,4 +414,4 @@ def finite_or_raise(metrics: dict[str, float], step: int) -> None:
         raise FloatingPointError(f"non-finite loss at optimizer step {step}: {bad}; lower train.lr or the margins")
 
 
-__all__ = ["Collectives", "LossPlan", "StepComputer", "finite_or_raise", "harmful_centroid"]
+__all__ = ["Collectives", "LossPlan", "StepComputer", "finite_or_raise", "harmful_centroid", "micro_step"]

@@ -237,29 +237,21 @@ class Worker:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step (``grad_accum`` micro-steps); returns the step's metrics (same on every rank)."""
-        from peft.helpers import disable_input_dtype_casting
-
-        from crl_ray.training.step import finite_or_raise
+        from crl_ray.training.step import finite_or_raise, micro_step
 
         t = self.cfg.train
         started = time.perf_counter()
         sums: dict[str, float] = {}
-        # under bf16 autocast every LoRA matmul casts its input to bf16 itself: peft's own cast of a bf16 input to
-        # the float32 LoRA weights' dtype is a round trip, two copies of every such input (bit-identical without)
-        with disable_input_dtype_casting(self.model, active=t.precision == "bf16"):
-            for micro in range(t.grad_accum):
-                k = self.step * t.grad_accum + micro
-                b = self.batches(k)
-                if self.sharded:
-                    self.fsdp_root.set_requires_gradient_sync(micro == t.grad_accum - 1)
-                # no cast cache: a checkpointed block recomputes its casts in backward, outside this region
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16",
-                                    cache_enabled=False):
-                    value, metrics = self.computer(b["benign"], b["harmful"], b["retain"], micro_step=k,
-                                                   optimizer_step=self.step)
-                (value / t.grad_accum).backward()
-                for key, v in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + v
+        for micro in range(t.grad_accum):
+            k = self.step * t.grad_accum + micro
+            b = self.batches(k)
+            if self.sharded:
+                self.fsdp_root.set_requires_gradient_sync(micro == t.grad_accum - 1)
+            _, metrics = micro_step(self.computer, self.model, b["benign"], b["harmful"], b["retain"],
+                                    precision=t.precision, device_type=self.device.type, micro_step=k,
+                                    optimizer_step=self.step, divisor=t.grad_accum)
+            for key, v in metrics.items():
+                sums[key] = sums.get(key, 0.0) + v
         metrics = {k: (v if k == "tokens" else v / t.grad_accum) for k, v in sums.items()}
         finite_or_raise(metrics, self.step)
         params = [p for _, p in self.trainable]
