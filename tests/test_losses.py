@@ -274,6 +274,18 @@ def test_kl_retain_chunked_is_kl_retain(monkeypatch, dtype) -> None:
     assert_close(kl_retain_chunked(z0, z, mask), kl_retain(z0, z, mask))  # default: the local batch size
 
 
+def test_kl_retain_chunked_gradient_is_exactly_zero_where_the_logits_agree() -> None:
+    """A zero-initialised adapter gives the frozen logits at the first step: the KL's gradient there is zero. The
+    closed form gives exactly zero; autograd through log-softmax leaves a rounding residue at almost every logit
+    (which Adam's per-element normalisation can turn into step-sized updates)."""
+    z0 = torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(3)) * 4
+    plain, chunked = z0.clone().requires_grad_(), z0.clone().requires_grad_()
+    kl_retain(z0, plain, torch.ones(1, 8)).backward()
+    kl_retain_chunked(z0, chunked, torch.ones(1, 8)).backward()
+    assert torch.count_nonzero(chunked.grad) == 0
+    assert float(plain.grad.abs().max()) < 1e-6  # autograd: zero within rounding only
+
+
 # --------------------------------------------------------------------------------------------- data parallel
 def test_triplet_terms_global_centroid_and_counts_split_like_one_batch():
     """Two halves with the global centroid and global mask sums add up to the loss of the whole batch."""
