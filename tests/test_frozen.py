@@ -75,6 +75,29 @@ def test_cached_h0_gives_the_same_loss_and_gradients(tiny_model_dir, layout):  #
         assert_close(g, ng, rtol=1e-3, atol=1e-5)
 
 
+def test_frozen_head_under_bf16_autocast_is_cast_once_with_the_same_logits(tiny_model_dir):  # noqa: F811
+    """Under bf16 autocast the frozen retain logits use a bf16 copy of the head made once, not a cast per step: the
+    same bits as autocast's own cast; without autocast the float32 head, as before."""
+    from crl_ray.training.frozen import output_head
+
+    cfg = make_cfg(tiny_model_dir, loss=LOSS)
+    model, plan = lora_model(cfg)
+    batches = _batches(5)
+    frozen = compute_frozen(model, dict(zip(("benign", "harmful", "retain"), batches)), FrozenSpec.of(cfg, plan))
+    rows = torch.tensor([1, 0])
+    final = frozen.gather("retain", rows, frozen.spec.final_layer + 1)[frozen.spec.final_layer]
+    head = output_head(model).weight.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = frozen.retain_logits(rows, model)
+        copy = frozen._head_low
+        again = frozen.retain_logits(rows, model)
+        expected = torch.nn.functional.linear(final, head)  # autocast casts the float32 head itself
+    assert copy is not None and copy.dtype == torch.bfloat16 and frozen._head_low is copy  # cast once, kept
+    assert first.dtype == torch.bfloat16 and torch.equal(first, expected) and torch.equal(again, expected)
+    plain = frozen.retain_logits(rows, model)
+    assert plain.dtype == torch.float32 and torch.equal(plain, torch.nn.functional.linear(final, head))
+
+
 def test_stale_rows_and_other_kinds_are_refused(tiny_model_dir):  # noqa: F811
     cfg = make_cfg(tiny_model_dir, loss=LOSS)
     model, plan = lora_model(cfg)

@@ -79,6 +79,7 @@ class FrozenOutputs:
         self.groups = groups  # group -> {"offsets": [R + 1] long, "layers": {layer: [total, D]}}
         self.key = key
         self._head: Tensor | None = None
+        self._head_low: Tensor | None = None  # the head in autocast's dtype, cast once
 
     # ------------------------------------------------------------------ reading
     def _index(self, group: str, rows: Tensor) -> Tensor:
@@ -106,7 +107,15 @@ class FrozenOutputs:
         states. The head's weight is frozen: gathered (FSDP) once and kept."""
         head = self.head_weight(model)
         final = self.gather("retain", rows, self.spec.final_layer + 1, device=head.device)[self.spec.final_layer]
-        return torch.nn.functional.linear(final.to(head.dtype), head)
+        final = final.to(head.dtype)
+        kind = head.device.type
+        if torch.is_autocast_enabled(kind) and head.dtype == torch.float32:
+            # the cast autocast would make of this frozen weight at every step, made once (the same bits)
+            low = torch.get_autocast_dtype(kind)
+            if self._head_low is None or self._head_low.dtype != low:
+                self._head_low = head.to(low)
+            head = self._head_low
+        return torch.nn.functional.linear(final, head)
 
     def head_weight(self, model: Any) -> Tensor:
         if self._head is None:
