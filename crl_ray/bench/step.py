@@ -254,12 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --seq must be >= 4, --batch and --steps >= 1", file=sys.stderr)
         return 2
     if args.variant != "both":
-        text = json.dumps(run_variant(args))
-        print(text)
-        if args.out:
-            with open(args.out, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-        return 0
+        return _emit(json.dumps(run_variant(args)), args.out)
     results = {}
     base = _strip_options(list(argv if argv is not None else sys.argv[1:]), ("--variant", "--out"))
     for variant in ("naive", "project"):
@@ -290,10 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     summary["targets_met"] = None if not comparable else (
         summary["speedup_tokens_per_s"] >= t["speedup_min"]
         and summary["peak_memory_ratio"] <= t["memory_ratio_max"] and rel <= t["loss_rel_max"])
-    text = json.dumps(summary, indent=2)
+    return _emit(json.dumps(summary, indent=2), args.out)
+
+
+def _emit(text: str, out: str | None) -> int:
+    """Print the JSON, and write it to ``out`` too when given (``--out``); exit status 0."""
     print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
             f.write(text + "\n")
     return 0
 
