@@ -115,15 +115,22 @@ def test_forward_hidden_truncated_equals_full_pass(tiny_model_dir):
     batch = synthetic_batch(300, 2, 8, 6, torch.Generator().manual_seed(0))
     full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  position_ids=batch["position_ids"], output_hidden_states=True)
+    head = model.get_base_model().get_output_embeddings()
+    head_outputs: list[tuple[int, ...]] = []
+    hook = head.register_forward_hook(lambda mod, args, out: head_outputs.append(tuple(out.shape)))
     for depth in range(1, 5):
         hidden, logits = forward_hidden(model, batch, depth)
         assert len(hidden) == depth + 1 and logits is None
         for i in range(depth + 1):
             assert_close(hidden[i], full.hidden_states[i])
     assert model.get_base_model().config.num_hidden_layers == 4  # restored after truncation
+    assert "forward" not in head.__dict__  # the head's own forward is back after the headless passes
     cols = torch.tensor([3, 7, 13])
     _, logits = forward_hidden(model, batch, 4, logits_positions=cols)
+    hook.remove()
     assert_close(logits, full.logits[:, cols])
+    # the passes without logits got empty logits from the head (no matmul); the pass with logits the vocabulary
+    assert head_outputs == [(2, 1, 0)] * 4 + [(2, 3, head.out_features)]
 
 
 def test_packed_rows_equal_each_row_alone(tiny_model_dir):

@@ -121,6 +121,28 @@ def _truncated(model: nn.Module, depth: int) -> Iterator[None]:
             config.tie_last_hidden_states = saved_tie
 
 
+@contextlib.contextmanager
+def _headless(model: nn.Module) -> Iterator[None]:
+    """The LM head returns empty logits ([..., 0]) instead of running: for passes that read hidden states only."""
+    head = base_causal_lm(model).get_output_embeddings()
+    if head is None:
+        yield
+        return
+    saved = head.__dict__.get("forward")
+    head.forward = _no_logits
+    try:
+        yield
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved
+
+
+def _no_logits(hidden: Tensor) -> Tensor:
+    return hidden.new_zeros(*hidden.shape[:-1], 0)
+
+
 # ------------------------------------------------------------------------------------------ packed rows
 # Unpadded passes put the real tokens of all rows of a batch into one sequence ([1, N]): the linear layers then
 # run on N tokens in one matmul (no padding, no per-row calls), and attention runs causally inside each row's
@@ -188,15 +210,16 @@ def forward_hidden(model: nn.Module, batch: dict[str, Tensor], depth: int, *,
     """(hidden_states[0..depth], logits) of one pass over ``batch`` (input_ids, attention_mask, position_ids).
 
     ``logits_positions``: 1-D column indices whose logits are needed ([B, len, V]); None = no logits (the LM head
-    then runs on one position only, which transformers needs anyway). ``segments``: ``batch`` is one packed
-    sequence of rows at these (start, end) spans (needs ``use_packed_attention(model)``).
+    is skipped: transformers would run it on one position, and under autocast cast its whole weight to do so).
+    ``segments``: ``batch`` is one packed sequence of rows at these (start, end) spans (needs
+    ``use_packed_attention(model)``).
     """
     n = num_blocks(model)
     depth = min(depth, n)
     keep: Any = 1 if logits_positions is None else logits_positions
     if logits_positions is not None and depth < n:
         raise ValueError("logits need the full depth")
-    with _truncated(model, depth):
+    with _truncated(model, depth), (_headless(model) if logits_positions is None else contextlib.nullcontext()):
         out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                     position_ids=batch.get("position_ids"), output_hidden_states=True, use_cache=False,
                     logits_to_keep=keep, **({} if segments is None else {"crl_segments": segments}))
