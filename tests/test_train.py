@@ -288,6 +288,33 @@ def test_bf16_step_skips_peft_input_cast_with_the_same_result(tiny_model_dir, tm
         assert torch.equal(a, b), name
 
 
+def test_bf16_worker_stores_frozen_block_weights_in_bf16_with_the_same_steps(tiny_model_dir, tmp_path, monkeypatch):
+    """An unsharded bf16 worker keeps its frozen block linears in bf16 (the casts autocast made at every step, made
+    once): the same losses and LoRA weights to the bit as a worker that keeps them float32; LoRA weights, norms,
+    the embedding and the head stay float32; an fp32 worker changes nothing."""
+    import crl_ray.training.model as model_module
+    from crl_ray.training.model import decoder_layers
+
+    fp32 = build_worker(make_cfg(tiny_model_dir), tmp_path / "fp32")
+    assert all(p.dtype == torch.float32 for p in fp32.model.parameters())
+    cfg = make_cfg(tiny_model_dir, train={"precision": "bf16"})
+    worker = build_worker(cfg, tmp_path / "cast")
+    linears = [m for layer in decoder_layers(worker.model) for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    frozen = [m for m in linears if not m.weight.requires_grad]
+    assert len(frozen) == 4 * 7 and len(linears) > len(frozen)  # every block's 7 projections; the LoRA A/B too
+    assert all(m.weight.dtype == torch.bfloat16 for m in frozen)
+    assert all(p.dtype == torch.float32 for _, p in worker.trainable)
+    assert all(p.dtype == torch.float32 for n, p in worker.model.named_parameters() if "norm" in n or "embed" in n)
+    assert worker.model.get_base_model().get_output_embeddings().weight.dtype == torch.float32
+    cast = [worker.train_step()["train/loss"] for _ in range(2)]
+    monkeypatch.setattr(model_module, "cast_frozen_linears", lambda model, dtype: 0)
+    kept = build_worker(cfg, tmp_path / "kept")
+    assert all(p.dtype == torch.float32 for p in kept.model.parameters())
+    assert [kept.train_step()["train/loss"] for _ in range(2)] == cast
+    for (name, a), (_, b) in zip(worker.trainable, kept.trainable):
+        assert torch.equal(a, b), name
+
+
 def test_lora_blocks_follow_config(tiny_model_dir, tmp_path):
     cfg = make_cfg(tiny_model_dir, loss={"target_layers": [1, 2], "benign_layers": "target"})
     assert lora_blocks(cfg, 4, LossPlan.from_config(cfg, 4).lora_last_layer) == [0, 1, 2]
@@ -465,11 +492,12 @@ def test_baseline_loss_kinds_train(tiny_model_dir, tmp_path, kind, terms):
         assert math.isclose(m[0]["train/loss"], 10.0 * m[0]["train/loss_cb"], rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the miner's passes meet bf16 frozen block weights
 @pytest.mark.parametrize("kind", ["latent", "embedding"])
-def test_worker_with_mining_reports_attack_metrics(tiny_model_dir, tmp_path, kind):
+def test_worker_with_mining_reports_attack_metrics(tiny_model_dir, tmp_path, kind, precision):
     mining = {"enabled": True, "kind": kind, "period": 3, "init_iterations": 4, "refresh_iterations": 1,
               "patience": 2, "use_prob": 1.0, "gate": 1000.0, "block_high": 2, "soft_prompt_tokens": 3}
-    worker = build_worker(make_cfg(tiny_model_dir, mining=mining), tmp_path)
+    worker = build_worker(make_cfg(tiny_model_dir, mining=mining, train={"precision": precision}), tmp_path)
     m = worker.train_step()
     assert m["mining/used"] == 1.0 and math.isfinite(m["mining/attack_loss"])
     assert m["mining/iterations"] == (4 + 1) / 2  # fresh at micro-step 0 (4 iterations), refresh at 1

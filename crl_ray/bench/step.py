@@ -133,6 +133,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     from crl_ray.data import load_model_and_tokenizer
     from crl_ray.training.model import (
         apply_lora,
+        cast_frozen_linears,
         enable_activation_checkpointing,
         lora_blocks,
         num_blocks,
@@ -173,6 +174,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         batches = [{**b, "row": torch.arange(args.batch)} for b in batches]
     # naive: plain sdpa model
     computer = None if args.variant == "naive" else StepComputer(cfg, model, plan, frozen=frozen_outputs)
+    if computer is not None and args.precision == "bf16":  # as the (unsharded) worker does
+        cast_frozen_linears(model, torch.bfloat16)
     frozen = [0.0]  # seconds in the frozen (adapter-disabled) passes: what a cache of their outputs could save
     if computer is not None:
         computer._frozen = _timed(computer._frozen, frozen)

@@ -80,6 +80,28 @@ def enable_activation_checkpointing(model: nn.Module, mode: str = "selective", e
                                                           every_n_layers=every_n)
 
 
+def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen weights (and biases) of the decoder blocks' linear layers in ``dtype``; returns how many
+    layers changed.
+
+    Under autocast to ``dtype`` every forward casts each float32 weight its matmuls read. A frozen weight gives the
+    same copy at every step, so storing it in ``dtype`` once gives the same bits and saves those casts (and half
+    the frozen weights' memory). The LoRA weights stay float32 (they train); so do the embedding and the LM head
+    (tied in many models: a bf16 embedding would change the residual stream's dtype). Only for a model whose
+    passes all run under that autocast (a float32 input would meet a ``dtype`` weight) and that is not FSDP-sharded
+    (FSDP2 wants one dtype per parameter group).
+    """
+    changed = 0
+    for block in decoder_layers(model):
+        for module in block.modules():
+            own = list(module.parameters(recurse=False))
+            if (isinstance(module, nn.Linear) and not any(p.requires_grad for p in own)
+                    and module.weight.dtype != dtype):
+                module.to(dtype)
+                changed += 1
+    return changed
+
+
 def base_causal_lm(model: nn.Module) -> nn.Module:
     """The transformers CausalLM inside a peft wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)

@@ -142,6 +142,7 @@ class Worker:
         from crl_ray.training.mining import Miner, template_suffix_length
         from crl_ray.training.model import (
             apply_lora,
+            cast_frozen_linears,
             decoder_layers,
             enable_activation_checkpointing,
             lora_blocks,
@@ -179,6 +180,8 @@ class Worker:
             model(input_ids=torch.zeros((1, 4), dtype=torch.long, device=self.device), logits_to_keep=1)
         if self.sharded:
             self.fsdp_root.reshard()
+        elif cfg.train.precision == "bf16":  # every pass from here on runs under bf16 autocast (micro_step)
+            cast_frozen_linears(model, torch.bfloat16)
         self.model = model
         self.trainable = trainable_parameters(model)
         self.collectives = Collectives()
