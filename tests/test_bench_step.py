@@ -54,9 +54,13 @@ def test_bf16_autocast_stays_within_its_stated_tolerance(tiny_folder):
 
 
 def test_smoke_shape_sets_the_smoke_sweeps_sizes():
-    args = apply_shape(build_parser().parse_args(["--shape", "smoke", "--batch", "8"]))
+    args = apply_shape(build_parser().parse_args(["--shape", "smoke"]))
     assert (args.batch, args.seq, args.lora_r, args.lora_dropout) == (2, 112, 8, 0.0)
     assert (args.loss, args.threads) == ("smoke", 2)
+    given = apply_shape(build_parser().parse_args(["--shape", "smoke", "--batch", "4", "--threads", "1"]))
+    assert (given.batch, given.threads, given.seq, given.loss) == (4, 1, 112, "smoke")  # a flag given wins
+    plain = apply_shape(build_parser().parse_args([]))
+    assert (plain.batch, plain.seq, plain.lora_r, plain.lora_dropout, plain.loss) == (4, 256, 16, 0.0, "paper")
     assert SMOKE_SHAPE["request"] == 64  # sweeps/smoke.yaml: max_request_tokens 64, max_response_tokens 48
     smoke = (REPO / "sweeps" / "smoke.yaml").read_text()
     assert "max_request_tokens: 64" in smoke and "max_response_tokens: 48" in smoke

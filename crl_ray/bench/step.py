@@ -11,7 +11,7 @@ benchmark prints one JSON object: seconds per step, tokens/s, peak memory, loss 
 ``--dense`` fills every row (no padding), so both variants do the same real-token work and the comparison shows
 what the project's step saves beyond skipping padding. ``--shape smoke`` benchmarks the smoke sweep's shape
 (micro-batch 2, requests <= 64 and responses <= 48 tokens, LoRA r 8, its loss layers, 2 threads) instead of the
-default 4 x 256. ``--lora-dropout`` sets both variants' LoRA dropout (default 0; the paper's 0.05 costs ~35 % of a
+default 4 x 256; a flag given wins over the shape (``--shape smoke --batch 4``: smoke.yaml's one-worker micro-batch). ``--lora-dropout`` sets both variants' LoRA dropout (default 0; the paper's 0.05 costs ~35 % of a
 CPU step, so smoke.yaml runs 0). ``--precision bf16`` runs the project's step under CPU/GPU bf16 autocast (fp32
 weights and gradients, bf16 matmuls); the naive step always stays the literal fp32 port. ``--frozen-cache`` gives the project's
 step ``train.frozen_cache`` (the frozen outputs of the benchmark's rows computed once, before the timed steps;
@@ -42,27 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m crl_ray.bench step", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="HF id, folder or embedded: name")
-    p.add_argument("--batch", type=int, default=4, help="rows per batch kind (benign, harmful, retain)")
-    p.add_argument("--seq", type=int, default=256, help="tokens per row (half request, half response)")
+    p.add_argument("--batch", type=int, default=None, help="rows per batch kind (benign, harmful, retain) [4]")
+    p.add_argument("--seq", type=int, default=None, help="tokens per row (half request, half response) [256]")
     p.add_argument("--dense", action="store_true", help="every row full length (no padding): identical work")
     p.add_argument("--shape", default=None, choices=["smoke"],
                    help="smoke: the smoke sweep's micro-batch 2, 64 + 48 tokens, LoRA r 8, its layers, 2 threads "
-                   "(overrides --batch, --seq, --lora-r, --lora-dropout, --loss, --threads)")
+                   "(the defaults of --batch, --seq, --lora-r, --lora-dropout, --loss, --threads; a flag given "
+                   "wins, e.g. --batch 4 = smoke.yaml's one-worker micro-batch)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="project step: fp32, or bf16 autocast (fp32 master weights)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.0,
+    p.add_argument("--lora-r", type=int, default=None, help="[16]")
+    p.add_argument("--lora-dropout", type=float, default=None,
                    help="lora.dropout of both variants (paper 0.05; smoke.yaml 0). Above 0 the two variants draw "
-                   "different masks, so their losses are not compared")
+                   "different masks, so their losses are not compared [0]")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--loss", default="paper", choices=["paper", "script", "smoke"],
+    p.add_argument("--loss", default=None, choices=["paper", "script", "smoke"],
                    help="paper: mix distances, margins 500/1500, benign layers all; script: released train.sh; "
-                   "smoke: sweeps/smoke.yaml's loss (target layers 19..28, benign layers = target)")
+                   "smoke: sweeps/smoke.yaml's loss (target layers 19..28, benign layers = target) [paper]")
     p.add_argument("--variant", default="both", choices=["both", "project", "naive"],
                    help="both = run each in its own subprocess and compare")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's choice)")
     p.add_argument("--activation-checkpointing", default=None, choices=["selective", "full", "off"],
                    help="project step: train.activation_checkpointing (default: the config default)")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
@@ -112,11 +113,16 @@ SMOKE_SHAPE = {"batch": 2, "seq": 112, "request": 64, "lora_r": 8, "lora_dropout
                "threads": 2}
 
 
+DEFAULT_SHAPE = {"batch": 4, "seq": 256, "lora_r": 16, "lora_dropout": 0.0, "loss": "paper", "threads": None}
+
+
 def apply_shape(args: argparse.Namespace) -> argparse.Namespace:
-    """``--shape smoke``: the smoke sweep's micro-batch, row lengths, LoRA rank, loss layers and threads."""
-    if args.shape == "smoke":
-        for key in ("batch", "seq", "lora_r", "lora_dropout", "loss", "threads"):
-            setattr(args, key, SMOKE_SHAPE[key])
+    """Fill the shape flags not given: ``--shape smoke``'s sizes (the smoke sweep's micro-batch, row lengths, LoRA
+    rank, loss layers and threads), else the default 4 x 256 batch."""
+    shape = SMOKE_SHAPE if args.shape == "smoke" else DEFAULT_SHAPE
+    for key in DEFAULT_SHAPE:
+        if getattr(args, key) is None:
+            setattr(args, key, shape[key])
     return args
 
 
