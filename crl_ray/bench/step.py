@@ -8,14 +8,15 @@ on CPU; ``--unpad`` and ``--activation-checkpointing`` change them; the JSON say
 model, LoRA initialisation, batches and seed, each in a fresh subprocess (peak RSS is per process), and the
 benchmark prints one JSON object: seconds per step, tokens/s, peak memory, loss values, and the ratios.
 
-``--dense`` fills every row (no padding), so both variants do the same real-token work and the comparison shows
-what the project's step saves beyond skipping padding. ``--shape smoke`` benchmarks the smoke sweep's shape
-(micro-batch 2, requests <= 64 and responses <= 48 tokens, LoRA r 8, its loss layers, 2 threads) instead of the
-default 4 x 256; a flag given wins over the shape (``--shape smoke --batch 4``: smoke.yaml's one-worker micro-batch). ``--lora-dropout`` sets both variants' LoRA dropout (default 0; the paper's 0.05 costs ~35 % of a
-CPU step, so smoke.yaml runs 0). ``--precision bf16`` runs the project's step under CPU/GPU bf16 autocast (fp32
-weights and gradients, bf16 matmuls); the naive step always stays the literal fp32 port. ``--frozen-cache`` gives the project's
-step ``train.frozen_cache`` (the frozen outputs of the benchmark's rows computed once, before the timed steps;
-that one-off cost is reported apart). The project's JSON also says how much of its step the frozen passes take
+``--dense`` fills every row (no padding), so both variants do the same real-token work and the comparison shows what
+the project's step saves beyond skipping padding. ``--shape smoke`` benchmarks the smoke sweep's shape (micro-batch
+2, requests <= 64 and responses <= 48 tokens, LoRA r 8, its loss layers, 2 threads) instead of the default 4 x 256;
+a flag given wins over the shape (``--shape smoke --batch 4``: smoke.yaml's one-worker micro-batch).
+``--lora-dropout`` sets both variants' LoRA dropout (default 0; the paper's 0.05 costs ~35 % of a CPU step, so
+smoke.yaml runs 0). ``--precision bf16`` runs the project's step under CPU/GPU bf16 autocast (fp32 weights and
+gradients, bf16 matmuls); the naive step always stays the literal fp32 port. ``--frozen-cache`` gives the project's
+step ``train.frozen_cache`` (the frozen outputs of the benchmark's rows computed once, before the timed steps; that
+one-off cost is reported apart). The project's JSON also says how much of its step the frozen passes take
 (``frozen_share``: the most a frozen-output cache can save) and, with ``--profile``, its top operators.
 
 Targets (issue 3): on SmolLM2-135M at batch 4 x 256 tokens on 2 CPU cores, >= 1.5x the naive tokens/s and
