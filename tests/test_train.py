@@ -133,6 +133,39 @@ def test_forward_hidden_truncated_equals_full_pass(tiny_model_dir):
     assert head_outputs == [(2, 1, 0)] * 4 + [(2, 3, head.out_features)]
 
 
+def test_packed_attention_takes_float32_for_short_rows_under_cpu_autocast(monkeypatch):
+    """Under CPU bf16 autocast, a row of up to FLOAT32_ATTENTION_MAX_TOKENS tokens gets float32 attention (the
+    bits of float32 SDPA on its inputs), a longer row autocast's bf16; a CPU with AMX keeps bf16 for every row."""
+    import torch.nn.functional as F
+
+    import crl_ray.training.model as model_module
+
+    gen = torch.Generator().manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    q, k, v = (torch.randn(1, heads, 30, 8, generator=gen) for heads in (4, 2, 2))
+    spans = ((0, 10), (10, 30))
+    monkeypatch.setattr(model_module, "FLOAT32_ATTENTION_MAX_TOKENS", 12)
+
+    def alone(s, e, low):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            out = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
+                                                 enable_gqa=True)
+        return out.transpose(1, 2).float()
+
+    for amx in (False, True):
+        monkeypatch.setattr(model_module, "_cpu_has_amx", lambda amx=amx: amx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = model_module._packed_attention(module, q, k, v, None, crl_segments=spans)
+        assert out.shape == (1, 30, 4, 8)
+        short, long = out[:, :10].float(), out[:, 10:].float()
+        assert torch.equal(long, alone(10, 30, low=True))
+        assert torch.equal(short, alone(0, 10, low=amx))
+        assert not torch.equal(alone(0, 10, low=True), alone(0, 10, low=False))  # the two precisions differ here
+    out, _ = model_module._packed_attention(module, q, k, v, None, crl_segments=spans)  # no autocast: float32
+    assert out.dtype == torch.float32 and torch.equal(out[:, 10:], alone(10, 30, low=False))
+
+
 def test_packed_rows_equal_each_row_alone(tiny_model_dir):
     """One packed sequence with per-row attention = a forward on each row's real tokens (hidden states, logits)."""
     from crl_ray.training.step import _packed_batch

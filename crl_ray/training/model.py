@@ -10,6 +10,7 @@ final norm and LM head) run as usual.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -187,10 +188,46 @@ def _packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         raise RuntimeError(f"packed attention got a query of shape {tuple(query.shape)} for segments ending at "
                            f"{crl_segments[-1][1]}; packed passes take one [1, N] sequence")
     gqa = getattr(module, "num_key_value_groups", 1) > 1
-    outs = [torch.nn.functional.scaled_dot_product_attention(
-        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling,
-        is_causal=e - s > 1, enable_gqa=gqa) for s, e in crl_segments]
+    short = FLOAT32_ATTENTION_MAX_TOKENS if float32_short_rows(query.device.type) else 0
+
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
+                                                                is_causal=q.shape[2] > 1, enable_gqa=gqa)
+
+    outs = []
+    for s, e in crl_segments:
+        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+        if e - s <= short:
+            with torch.autocast(query.device.type, enabled=False):
+                outs.append(attend(q.float(), k.float(), v.float()))
+        else:
+            outs.append(attend(q, k, v))
     return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
+
+
+# Rows up to this many tokens take float32 attention in a CPU pass under bf16 autocast (float32_short_rows).
+FLOAT32_ATTENTION_MAX_TOKENS = 256
+
+
+def float32_short_rows(device_type: str) -> bool:
+    """Whether packed rows of up to FLOAT32_ATTENTION_MAX_TOKENS run attention in float32 here: on a CPU under
+    low-precision autocast, unless the CPU has AMX tiles.
+
+    Measured on a 2-vCPU AMD EPYC with avx512_bf16 and no AMX (docs/LOG.md, session 24), SDPA's flash kernel
+    forward + backward in the packed layout: float32 takes ~0.5x bf16's time at 48 tokens a row, ~0.6x at 90,
+    the same at 256-512 and 1.25x at 1024; the smoke-shape step 1.76 -> 1.55 s. Float32 attention also has no
+    bf16 rounding. On CPUs with AMX tiles the bf16 kernel may use them; not measured there, so they keep bf16.
+    """
+    return device_type == "cpu" and torch.is_autocast_enabled(device_type) and not _cpu_has_amx()
+
+
+@functools.cache
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return "amx_bf16" in f.read()
+    except OSError:  # not Linux: unknown, keep bf16
+        return True
 
 
 def use_packed_attention(model: nn.Module) -> bool:
