@@ -206,7 +206,7 @@ def _packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
 
 
 # Rows up to this many tokens take float32 attention in a CPU pass under bf16 autocast (float32_short_rows).
-FLOAT32_ATTENTION_MAX_TOKENS = 256
+FLOAT32_ATTENTION_MAX_TOKENS = 192
 
 
 def float32_short_rows(device_type: str) -> bool:
@@ -214,9 +214,11 @@ def float32_short_rows(device_type: str) -> bool:
     low-precision autocast, unless the CPU has AMX tiles.
 
     Measured on a 2-vCPU AMD EPYC with avx512_bf16 and no AMX (docs/LOG.md, session 24), SDPA's flash kernel
-    forward + backward in the packed layout: float32 takes ~0.5x bf16's time at 48 tokens a row, ~0.6x at 90,
-    the same at 256-512 and 1.25x at 1024; the smoke-shape step 1.76 -> 1.55 s. Float32 attention also has no
-    bf16 rounding. On CPUs with AMX tiles the bf16 kernel may use them; not measured there, so they keep bf16.
+    forward + backward in the packed layout: float32 takes ~0.5x bf16's time at 48 tokens a row, ~0.6x at 90-160,
+    ~0.86x at 192, the same at 256-512 (where it keeps twice the bytes for backward: +0.3 GB on the dense bench
+    step) and 1.25x at 1024. The smoke-shape step: 1.91 -> 1.69 s, and its gradient's error against fp32 0.16 ->
+    0.05 (float32 attention has no bf16 rounding). CPUs with AMX tiles keep bf16: their bf16 kernel may use the
+    tiles, and that case is not measured.
     """
     return device_type == "cpu" and torch.is_autocast_enabled(device_type) and not _cpu_has_amx()
 
