@@ -214,7 +214,7 @@ def _packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
 
 
 # Rows up to this many tokens take float32 attention in a CPU pass under bf16 autocast (float32_short_rows).
-FLOAT32_ATTENTION_MAX_TOKENS = 192
+FLOAT32_ATTENTION_MAX_TOKENS = 256
 
 
 def float32_short_rows(device_type: str) -> bool:
@@ -223,9 +223,10 @@ def float32_short_rows(device_type: str) -> bool:
 
     Measured on a 2-vCPU AMD EPYC with avx512_bf16 and no AMX (docs/LOG.md, session 24), SDPA's flash kernel
     forward + backward in the packed layout: float32 takes ~0.5x bf16's time at 48 tokens a row, ~0.6x at 90-160,
-    ~0.86x at 192, the same at 256-512 (where it keeps twice the bytes for backward: +0.3 GB on the dense bench
-    step) and 1.25x at 1024. The smoke-shape step: 1.91 -> 1.69 s, and its gradient's error against fp32 0.16 ->
-    0.05 (float32 attention has no bf16 rounding). CPUs with AMX tiles keep bf16: their bf16 kernel may use the
+    ~0.86x at 192, about the same at 256-512 and 1.25x at 1024. In the steps: smoke shape (<= 112 tokens a row)
+    1.91 -> 1.69 s, and its gradient's error against fp32 0.16 -> 0.05 (float32 attention has no bf16 rounding);
+    dense 4 x 256 with selective checkpointing ~5 % faster than bf16 attention, peak memory within the bench's
+    bar (it keeps twice the bytes for backward). CPUs with AMX tiles keep bf16: their bf16 kernel may use the
     tiles, and that case is not measured.
     """
     return device_type == "cpu" and torch.is_autocast_enabled(device_type) and not _cpu_has_amx()
