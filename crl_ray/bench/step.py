@@ -27,6 +27,7 @@ the smoke shape at >= 0.8x the dense large-batch tokens/s.
 from __future__ import annotations
 
 import argparse
+from argparse import SUPPRESS
 import json
 import resource
 import subprocess
@@ -43,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m crl_ray.bench step", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="HF id, folder or embedded: name")
-    p.add_argument("--batch", type=int, default=None, help="rows per batch kind (benign, harmful, retain) [4]")
-    p.add_argument("--seq", type=int, default=None, help="tokens per row (half request, half response) [256]")
+    p.add_argument("--batch", type=int, default=SUPPRESS,
+                   help=_shape_help("batch", "rows per batch kind (benign, harmful, retain)"))
+    p.add_argument("--seq", type=int, default=SUPPRESS,
+                   help=_shape_help("seq", "tokens per row (half request, half response)"))
     p.add_argument("--dense", action="store_true", help="every row full length (no padding): identical work")
     p.add_argument("--shape", default=None, choices=["smoke"],
                    help="smoke: the smoke sweep's micro-batch 2, 64 + 48 tokens, LoRA r 8, its layers, 2 threads "
@@ -54,17 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="project step: fp32, or bf16 autocast (fp32 master weights)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    p.add_argument("--lora-r", type=int, default=None, help="[16]")
-    p.add_argument("--lora-dropout", type=float, default=None,
-                   help="lora.dropout of both variants (paper 0.05; smoke.yaml 0). Above 0 the two variants draw "
-                   "different masks, so their losses are not compared [0]")
+    p.add_argument("--lora-r", type=int, default=SUPPRESS, help=_shape_help("lora_r", "LoRA rank"))
+    p.add_argument("--lora-dropout", type=float, default=SUPPRESS,
+                   help=_shape_help("lora_dropout", "lora.dropout of both variants (paper 0.05; smoke.yaml 0). "
+                                    "Above 0 the two variants draw different masks, so their losses are not compared"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--loss", default=None, choices=["paper", "script", "smoke"],
-                   help="paper: mix distances, margins 500/1500, benign layers all; script: released train.sh; "
-                   "smoke: sweeps/smoke.yaml's loss (target layers 19..28, benign layers = target) [paper]")
+    p.add_argument("--loss", default=SUPPRESS, choices=["paper", "script", "smoke"],
+                   help=_shape_help("loss", "paper: mix distances, margins 500/1500, benign layers all; script: "
+                                    "released train.sh; smoke: sweeps/smoke.yaml's loss (target layers 19..28, "
+                                    "benign layers = target)"))
     p.add_argument("--variant", default="both", choices=["both", "project", "naive"],
                    help="both = run each in its own subprocess and compare")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's choice)")
+    p.add_argument("--threads", type=int, default=SUPPRESS,
+                   help=_shape_help("threads", "torch threads (None: torch's choice)"))
     p.add_argument("--activation-checkpointing", default=None, choices=["selective", "full", "off"],
                    help="project step: train.activation_checkpointing (default: the config default)")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
@@ -117,12 +122,16 @@ SMOKE_SHAPE = {"batch": 2, "seq": 112, "request": 64, "lora_r": 8, "lora_dropout
 DEFAULT_SHAPE = {"batch": 4, "seq": 256, "lora_r": 16, "lora_dropout": 0.0, "loss": "paper", "threads": None}
 
 
+def _shape_help(key: str, text: str) -> str:
+    return f"{text} (default: {DEFAULT_SHAPE[key]}; with --shape smoke: {SMOKE_SHAPE[key]})"
+
+
 def apply_shape(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the shape flags not given: ``--shape smoke``'s sizes (the smoke sweep's micro-batch, row lengths, LoRA
     rank, loss layers and threads), else the default 4 x 256 batch."""
     shape = SMOKE_SHAPE if args.shape == "smoke" else DEFAULT_SHAPE
     for key in DEFAULT_SHAPE:
-        if getattr(args, key) is None:
+        if not hasattr(args, key):
             setattr(args, key, shape[key])
     return args
 
